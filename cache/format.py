@@ -1,0 +1,58 @@
+"""The cache contract shared by the writer, the reader and outside tools.
+
+Layout (Zarr v3; see DESIGN.md):
+
+    OUT/                 attrs: format, version, num_classes, ignore_index, class_names
+    OUT/<split>/         attrs: frames (sorted "city/city_seq_frame"), complete
+    OUT/<split>/images   uint8 (N, H, W, 3) RGB, chunks (1, T, T, 3)
+    OUT/<split>/masks    uint8 (N, H, W) trainIds, 255 = ignore, chunks (1, T, T)
+    OUT/<split>/checksums  uint32 (N, 2): crc32 of each row's image and mask bytes
+    OUT/<split>/done     uint8 (N,), one chunk per row: 1 once the row is written and checked
+    OUT/stats.json       written by `dataprep stats`
+"""
+from __future__ import annotations
+
+FORMAT_NAME = "cityscapes-cache"
+FORMAT_VERSION = 1
+NUM_CLASSES = 19
+IGNORE_INDEX = 255
+
+# trainId order, as in cityscapesscripts.helpers.labels (tests check they agree).
+CLASS_NAMES: tuple[str, ...] = (
+    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light",
+    "traffic sign", "vegetation", "terrain", "sky", "person", "rider", "car",
+    "truck", "bus", "train", "motorcycle", "bicycle",
+)
+
+IMAGES = "images"
+MASKS = "masks"
+CHECKSUMS = "checksums"
+DONE = "done"
+STATS_FILE = "stats.json"
+
+ROOT_ATTRS = {
+    "format": FORMAT_NAME,
+    "version": FORMAT_VERSION,
+    "num_classes": NUM_CLASSES,
+    "ignore_index": IGNORE_INDEX,
+    "class_names": list(CLASS_NAMES),
+}
+
+
+class UserError(Exception):
+    """A mistake in what the user gave us: shown as one line, exit status non-zero, no traceback."""
+
+
+class CacheError(UserError):
+    """The cache is missing, of another format or version, or incomplete."""
+
+
+def check_root_attrs(path: str, attrs: dict) -> None:
+    """Refuse a store that is not our cache, or of a version this code does not know."""
+    if attrs.get("format") != FORMAT_NAME:
+        raise CacheError(f"{path}: not a Cityscapes cache (no format={FORMAT_NAME!r} attribute); "
+                         "make one with `dataprep build`")
+    version = attrs.get("version")
+    if version != FORMAT_VERSION:
+        raise CacheError(f"{path}: cache format version {version} is not supported by this code "
+                         f"(it reads version {FORMAT_VERSION}); rebuild it with `dataprep build --force`")

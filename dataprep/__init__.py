@@ -1,0 +1,1 @@
+"""Raw Cityscapes tree -> trainId masks and the Zarr cache; stats, verify, synthetic data."""

@@ -1,0 +1,106 @@
+"""What every loader promises: `AugmentConfig` in, `Batch` out, built by `build_loader`."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Iterator, NamedTuple, Protocol
+
+import torch
+
+from cache.format import UserError
+
+# ImageNet statistics on the 0..255 scale: images are normalised as (x - MEAN) / STD.
+MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+IMAGE_PAD = 0      # images are padded with 0 before normalisation
+MASK_PAD = 255     # masks are padded with the ignore index
+
+LOADER_KINDS = ("dali", "torch")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """One definition of the augmentation; both loader kinds honour every field.
+
+    crop: output (h, w) of a training sample. scale: range of the random scale relative to
+    the stored frame. brightness/contrast/saturation: factors drawn uniformly in
+    [1 - v, 1 + v]; hue: shift in degrees drawn in [-v, v] (DALI's color_twist semantics).
+    cat_max_ratio: if set, re-draw the crop window (up to cat_max_tries times) until no
+    single class covers more than this share of it. eval_scale: validation frames are
+    whole frames resized by this factor (masks stay at the stored resolution).
+    """
+
+    crop: tuple[int, int] = (640, 640)
+    scale: tuple[float, float] = (0.5, 2.0)
+    flip_prob: float = 0.5
+    brightness: float = 0.2
+    contrast: float = 0.2
+    saturation: float = 0.2
+    hue: float = 5.0
+    cat_max_ratio: float | None = None
+    cat_max_tries: int = 10
+    eval_scale: float = 1.0
+
+    def __post_init__(self):
+        ch, cw = self.crop
+        if ch < 1 or cw < 1:
+            raise UserError(f"crop size must be positive, got {ch}x{cw}")
+        lo, hi = self.scale
+        if not 0 < lo <= hi:
+            raise UserError(f"scale range must satisfy 0 < low <= high, got {lo}..{hi}")
+        if not 0.0 <= self.flip_prob <= 1.0:
+            raise UserError(f"flip probability must be in [0, 1], got {self.flip_prob}")
+        for name in ("brightness", "contrast", "saturation"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise UserError(f"{name} jitter must be in [0, 1), got {value}")
+        if not 0.0 <= self.hue <= 180.0:
+            raise UserError(f"hue jitter must be in [0, 180] degrees, got {self.hue}")
+        if self.cat_max_ratio is not None and not 0.0 < self.cat_max_ratio <= 1.0:
+            raise UserError(f"cat_max_ratio must be in (0, 1], got {self.cat_max_ratio}")
+        if not 0.0 < self.eval_scale <= 4.0:
+            raise UserError(f"eval scale must be in (0, 4], got {self.eval_scale}")
+
+    @classmethod
+    def square(cls, res: int, **kw) -> "AugmentConfig":
+        return cls(crop=(res, res), **kw)
+
+    def no_jitter(self) -> "AugmentConfig":
+        """The same geometry without colour changes (used by tests and benchmarks)."""
+        from dataclasses import replace
+        return replace(self, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0)
+
+
+class Batch(NamedTuple):
+    """image float32 (B, 3, h, w) normalised; mask int64 (B, h, w), 255 = ignore, or None
+    for a split without masks; rows int64 (B,) the cache rows; all on the loader's device."""
+
+    image: torch.Tensor
+    mask: torch.Tensor | None
+    rows: torch.Tensor
+
+
+class Loader(Protocol):
+    def __len__(self) -> int: ...
+    def __iter__(self) -> Iterator[Batch]: ...
+    def set_epoch(self, epoch: int) -> None: ...
+
+
+def build_loader(cache: str | os.PathLike, split: str, kind: str = "dali", *, train: bool,
+                 batch_size: int, aug: AugmentConfig | None = None,
+                 device: str | torch.device = "cpu", seed: int = 0, rank: int = 0,
+                 world_size: int = 1, num_workers: int | None = None) -> Loader:
+    """The one factory for loaders. kind="dali" runs augmentation in DALI (GPU operators when
+    `device` is CUDA, DALI's CPU-only mode otherwise); kind="torch" uses DataLoader workers."""
+    aug = aug or AugmentConfig()
+    if batch_size < 1:
+        raise UserError(f"batch size must be at least 1, got {batch_size}")
+    if kind == "torch":
+        from loaders.torch_loader import TorchLoader as impl
+    elif kind == "dali":
+        from loaders.dali_loader import DaliLoader as impl
+    else:
+        raise UserError(f"unknown loader kind {kind!r}; choose one of: {', '.join(LOADER_KINDS)}")
+    return impl(cache, split, train=train, batch_size=batch_size, aug=aug,
+                device=torch.device(device), seed=seed, rank=rank, world_size=world_size,
+                num_workers=num_workers)

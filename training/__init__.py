@@ -1,0 +1,1 @@
+"""Training and evaluation of segmentation_models_pytorch models over the loaders."""
