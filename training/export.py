@@ -1,0 +1,123 @@
+"""Predictions in the official benchmark format, and colour pictures of them.
+
+The benchmark server and cityscapesscripts' `evalPixelLevelSemanticLabeling` want, per frame, a
+single-channel uint8 PNG of labelIds (not trainIds) whose name starts with
+`<city>_<seq>_<frame>`; we write `DIR/<city>/<city>_<seq>_<frame>_labelIds.png` and nothing else,
+so that DIR can be zipped and uploaded, or given to the official script, as it is.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from cache.format import UserError
+
+# "city/city_seq_frame": the city may not contain "_" (cityscapesscripts splits names on it).
+_FRAME_NAME = re.compile(r"^(?P<city>[^/_]+)/(?P=city)_(?P<seq>\d+)_(?P<frame>\d+)$")
+PNG_COMPRESS_LEVEL = 1   # flat label maps compress well at level 1 too, at a fraction of the time
+
+
+def _label_luts():
+    """(trainId -> labelId, labelId -> trainId, trainId -> colour), each indexed by a uint8."""
+    from cityscapesscripts.helpers.labels import labels
+
+    to_label = np.zeros(256, dtype=np.uint8)            # unknown trainIds (255) -> 0 "unlabeled"
+    to_train = np.full(256, 255, dtype=np.uint8)
+    colours = np.zeros((256, 3), dtype=np.uint8)        # ignore is black, as "unlabeled"
+    for label in labels:
+        if label.id < 0:
+            continue
+        to_train[label.id] = label.trainId if 0 <= label.trainId < 255 else 255
+        if 0 <= label.trainId < 255:
+            to_label[label.trainId] = label.id
+            colours[label.trainId] = label.color
+    return to_label, to_train, colours
+
+
+TRAINID_TO_LABELID, LABELID_TO_TRAINID, TRAINID_TO_COLOUR = _label_luts()
+
+
+def trainid_to_labelid(pred) -> np.ndarray:
+    """uint8 labelIds of a trainId array; anything that is not a class becomes 0 ("unlabeled")."""
+    pred = _as_numpy(pred)
+    return TRAINID_TO_LABELID[np.where((pred >= 0) & (pred < 256), pred, 255).astype(np.uint8)]
+
+
+def labelid_to_trainid(labels) -> np.ndarray:
+    """uint8 trainIds of a labelId array (labels ignored in evaluation become 255)."""
+    return LABELID_TO_TRAINID[_as_numpy(labels).astype(np.uint8)]
+
+
+def colorize(pred) -> np.ndarray:
+    """(H, W, 3) uint8 picture of a trainId map in the official Cityscapes colours."""
+    pred = _as_numpy(pred)
+    return TRAINID_TO_COLOUR[np.where((pred >= 0) & (pred < 256), pred, 255).astype(np.uint8)]
+
+
+def _as_numpy(array) -> np.ndarray:
+    if hasattr(array, "detach"):     # torch tensor, maybe on a GPU
+        array = array.detach().cpu().numpy()
+    return np.asarray(array)
+
+
+def frame_file_stem(frame_name: str) -> tuple[str, str]:
+    """("city", "city_seq_frame") of a cache frame name "city/city_seq_frame"."""
+    match = _FRAME_NAME.match(frame_name)
+    if not match:
+        raise UserError(f"frame name {frame_name!r} is not of the Cityscapes form "
+                        "'city/city_000000_000000'; the benchmark needs such names")
+    return match["city"], frame_name.split("/", 1)[1]
+
+
+def prepare_export_dir(out_dir: str | os.PathLike) -> Path:
+    """Create DIR, or accept it if it is empty: the export must be the only thing in it."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--export {out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        raise UserError(f"--export {out}: directory is not empty; give a new or empty directory "
+                        "(the benchmark wants nothing but the prediction PNGs in it)")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def export_predictions(preds, frame_names: Sequence[str], out_dir: str | os.PathLike) -> list[Path]:
+    """Write each (H, W) trainId prediction of `preds` (B, H, W) as an official labelIds PNG."""
+    from PIL import Image
+
+    preds = _as_numpy(preds)
+    if len(preds) != len(frame_names):
+        raise ValueError(f"{len(preds)} predictions for {len(frame_names)} frame names")
+    written = []
+    for pred, frame_name in zip(preds, frame_names):
+        city, stem = frame_file_stem(frame_name)
+        path = Path(out_dir) / city / f"{stem}_labelIds.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(trainid_to_labelid(pred)).save(path, compress_level=PNG_COMPRESS_LEVEL)
+        written.append(path)
+    return written
+
+
+def visualize(image_uint8, pred, out_dir: str | os.PathLike, frame_name: str, *,
+              alpha: float = 0.5) -> list[Path]:
+    """Write `<city>/<stem>_color.png` (the prediction in official colours) and
+    `<city>/<stem>_overlay.png` (it blended over the image, resized to the prediction's size)."""
+    from PIL import Image
+
+    city, stem = frame_file_stem(frame_name)
+    colour = colorize(pred)
+    image = _as_numpy(image_uint8).astype(np.uint8)
+    if image.shape[:2] != colour.shape[:2]:
+        size = (colour.shape[1], colour.shape[0])
+        image = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
+    overlay = (image * (1.0 - alpha) + colour * alpha).round().astype(np.uint8)
+    folder = Path(out_dir) / city
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{stem}_color.png", folder / f"{stem}_overlay.png"]
+    Image.fromarray(colour).save(paths[0], compress_level=PNG_COMPRESS_LEVEL)
+    Image.fromarray(overlay).save(paths[1], compress_level=PNG_COMPRESS_LEVEL)
+    return paths
