@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cache.tiles import TileArray, Unsupported
 from cache.format import (
     DONE,
     IMAGES,
@@ -107,6 +108,17 @@ class CacheReader:
             self._arrays[key] = self._group()[split][kind]
         return self._arrays[key]
 
+    def _window_reader(self, split: str, kind: str):
+        """A direct tile reader where the layout allows (see cache/tiles.py), else zarr's."""
+        key = ("tiles", split, kind)
+        if key not in self._arrays:
+            try:
+                self._arrays[key] = TileArray(os.path.join(self.path, split, kind)).read
+            except (Unsupported, OSError, KeyError, ValueError):
+                zarr_array = self.array(split, kind)
+                self._arrays[key] = lambda row, y, x, h, w: np.asarray(zarr_array[row, y:y + h, x:x + w])
+        return self._arrays[key]
+
     def done_rows(self, split: str) -> np.ndarray:
         return np.asarray(self._group()[split][DONE][:]).astype(bool)
 
@@ -116,10 +128,10 @@ class CacheReader:
 
         Only the tiles the window covers are read and decoded.
         """
-        image = self.array(split, IMAGES)[row, y:y + h, x:x + w]
+        image = self._window_reader(split, IMAGES)(row, y, x, h, w)
         info = self.split(split, require_complete=False)
-        mask = self.array(split, MASKS)[row, y:y + h, x:x + w] if info.has_masks else None
-        return np.asarray(image), (None if mask is None else np.asarray(mask))
+        mask = self._window_reader(split, MASKS)(row, y, x, h, w) if info.has_masks else None
+        return image, mask
 
     def read_frame(self, split: str, row: int):
         info = self.split(split, require_complete=False)
