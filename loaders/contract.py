@@ -73,7 +73,11 @@ class AugmentConfig:
 
 class Batch(NamedTuple):
     """image float32 (B, 3, h, w) normalised; mask int64 (B, h, w), 255 = ignore, or None
-    for a split without masks; rows int64 (B,) the cache rows; all on the loader's device."""
+    for a split without masks; rows int64 (B,) the cache rows; all on the loader's device.
+
+    Evaluation batches (train=False) hold whole frames: the image resized by
+    `AugmentConfig.eval_scale`, the mask at the stored resolution (never resized), so that
+    metrics are computed at full resolution; upsample logits to the mask's size."""
 
     image: torch.Tensor
     mask: torch.Tensor | None
