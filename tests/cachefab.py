@@ -5,13 +5,12 @@ colour that encodes the class). Tests of the build itself go through `dataprep b
 """
 from __future__ import annotations
 
-import zlib
+import shutil
 from pathlib import Path
 
 import numpy as np
-import zarr
 
-from cache.format import CHECKSUMS, DONE, IMAGES, MASKS, ROOT_ATTRS
+from cache.writer import CacheWriter, RowWriter, SplitPlan, Storage
 
 # A colour per trainId, far apart, so that a pixel's class can be read back from its colour.
 CLASS_COLOURS = np.array(
@@ -29,27 +28,25 @@ def blocky_frame(height: int, width: int, seed: int, block: int = 32):
 
 
 def write_cache(path: str | Path, splits: dict, tile: int = 128) -> Path:
-    """splits: name -> (images uint8 (N,H,W,3), masks uint8 (N,H,W) or None, frame names)."""
-    root = zarr.open_group(str(path), mode="w")
-    root.attrs.update(ROOT_ATTRS)
+    """splits: name -> (images uint8 (N,H,W,3), masks uint8 (N,H,W) or None, frame names).
+
+    Written through cache.writer (as `dataprep build` writes), so the cache carries the same
+    checksums, done flags and codec; whatever was at `path` before is replaced.
+    """
+    path = Path(path)
+    if path.is_dir():
+        shutil.rmtree(path)
+    writer = CacheWriter(path)
+    storage = Storage(tile=tile)
     for name, (images, masks, frames) in splits.items():
         n, h, w, _ = images.shape
-        group = root.create_group(name)
-        group.attrs.update({"frames": list(frames), "complete": False})
-        im = group.create_array(IMAGES, shape=images.shape, chunks=(1, tile, tile, 3), dtype="uint8",
-                                fill_value=0)
-        im[:] = images
-        sums = np.zeros((n, 2), dtype=np.uint32)
-        sums[:, 0] = [zlib.crc32(np.ascontiguousarray(images[i]).tobytes()) for i in range(n)]
-        if masks is not None:
-            mk = group.create_array(MASKS, shape=masks.shape, chunks=(1, tile, tile), dtype="uint8",
-                                    fill_value=255)
-            mk[:] = masks
-            sums[:, 1] = [zlib.crc32(np.ascontiguousarray(masks[i]).tobytes()) for i in range(n)]
-        group.create_array(CHECKSUMS, shape=(n, 2), chunks=(1, 2), dtype="uint32", fill_value=0)[:] = sums
-        group.create_array(DONE, shape=(n,), chunks=(1,), dtype="uint8", fill_value=0)[:] = 1
-        group.attrs["complete"] = True
-    return Path(path)
+        writer.prepare_split(SplitPlan(name, tuple(frames), h, w, masks is not None), storage)
+        rows = RowWriter(path, name)
+        for row in range(n):
+            checksums = rows.write_row(row, images[row], None if masks is None else masks[row])
+            writer.record_row(name, row, checksums)
+        assert writer.finish_split(name)
+    return path
 
 
 def blocky_cache(path: str | Path, n_train: int = 6, n_val: int = 3, height: int = 256,

@@ -1,0 +1,188 @@
+"""Re-read a whole cache and check it against its own records.
+
+Checked: the root attributes (exactly cache.format.ROOT_ATTRS); per split its attributes
+(`frames` sorted and unique, `complete` true), the arrays' presence, dtypes and shapes; per
+row its done flag, the crc32 of its image and mask bytes against the checksums recorded at
+build time (a tile that no longer decodes is a fault too), and the mask values (trainIds
+0..num_classes-1 or the ignore index). Every fault is reported with the frame's name.
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cache.format import CHECKSUMS, DONE, IMAGES, MASKS, ROOT_ATTRS
+from cache.reader import CacheReader
+from cache.writer import configure_worker_threads, row_checksums
+
+_IN_PROCESS_BELOW = 16  # rows; fewer are checked without starting worker processes
+
+
+@dataclass(frozen=True)
+class Fault:
+    split: str | None
+    row: int | None
+    frame: str | None
+    problem: str
+
+    def __str__(self) -> str:
+        if self.split is None:
+            return f"cache: {self.problem}"
+        if self.row is None:
+            return f"split {self.split!r}: {self.problem}"
+        return f"{self.split} row {self.row} ({self.frame}): {self.problem}"
+
+
+@dataclass
+class VerifyReport:
+    path: str
+    rows_checked: dict[str, int] = field(default_factory=dict)
+    faults: list[Fault] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.faults
+
+    def bad_frames(self) -> list[str]:
+        return sorted({f"{f.split}/{f.frame}" for f in self.faults if f.frame is not None})
+
+
+def verify_cache(path: str | os.PathLike, *, workers: int | None = None, progress=None) -> VerifyReport:
+    """Check every split and row; raises CacheError only if `path` is not a cache at all."""
+    reader = CacheReader(path)  # refuses a non-cache or an unknown version
+    report = VerifyReport(reader.path)
+    for key, value in ROOT_ATTRS.items():
+        if reader.attrs.get(key) != value:
+            report.faults.append(Fault(None, None, None, f"root attribute {key!r} is "
+                                       f"{reader.attrs.get(key)!r}, expected {value!r}"))
+    for split in reader.split_names():
+        faults, tasks = _check_split(reader, split)
+        report.faults.extend(faults)
+        report.rows_checked[split] = len(tasks)
+        for row, problems in _check_rows(tasks, workers, progress):
+            frame = reader.split(split, require_complete=False).frames[row]
+            report.faults.extend(Fault(split, row, frame, p) for p in problems)
+    report.faults.sort(key=lambda f: (f.split or "", -1 if f.row is None else f.row))
+    return report
+
+
+def _check_split(reader: CacheReader, split: str) -> tuple[list[Fault], list[tuple]]:
+    """(faults of the split's structure, one task per row to re-read; none if it is unusable)."""
+    import zarr
+
+    group = zarr.open_group(store=reader.path, mode="r")[split]
+    attrs = dict(group.attrs)
+    faults = []
+
+    def fault(problem):
+        faults.append(Fault(split, None, None, problem))
+
+    frames = attrs.get("frames")
+    if not isinstance(frames, list) or not all(isinstance(f, str) for f in frames):
+        fault("attribute 'frames' is missing or not a list of names")
+        return faults, []
+    if frames != sorted(set(frames)):
+        fault("attribute 'frames' is not sorted and unique")
+    if attrs.get("complete") is not True:
+        fault("split is not complete (attribute complete is not true): an interrupted build? "
+              "run `dataprep build` again")
+    arrays = dict(group.arrays())
+    missing = [name for name in (IMAGES, CHECKSUMS, DONE) if name not in arrays]
+    if missing:
+        fault(f"array(s) {', '.join(missing)} missing")
+        return faults, []
+    n, has_masks = len(frames), MASKS in arrays
+    frame_hw = tuple(arrays[IMAGES].shape[1:3])
+    expected = {IMAGES: ((n, *frame_hw, 3), "uint8"), CHECKSUMS: ((n, 2), "uint32"),
+                DONE: ((n,), "uint8")}
+    if has_masks:
+        expected[MASKS] = ((n, *frame_hw), "uint8")
+    wrong = [f"array {name!r} is {arrays[name].dtype} {tuple(arrays[name].shape)}, expected "
+             f"{dtype} {shape} for {n} frames" for name, (shape, dtype) in expected.items()
+             if tuple(arrays[name].shape) != shape or str(arrays[name].dtype) != dtype]
+    if wrong:
+        faults.extend(Fault(split, None, None, problem) for problem in wrong)
+        return faults, []
+    done = _per_row(arrays[DONE], n)
+    sums = _per_row(arrays[CHECKSUMS], n)
+    tasks = [(reader.path, split, row, done[row], sums[row], has_masks, reader.num_classes,
+              reader.ignore_index) for row in range(n)]
+    return faults, tasks
+
+
+def _per_row(array, n: int) -> list:
+    """array[row] for every row, or None where that row's chunk does not decode."""
+    try:
+        values = np.asarray(array[:])
+        return [values[row] for row in range(n)]
+    except Exception:
+        out = []
+        for row in range(n):
+            try:
+                out.append(np.asarray(array[row]))
+            except Exception:
+                out.append(None)
+        return out
+
+
+def _check_rows(tasks: list, workers: int | None, progress):
+    if len(tasks) < _IN_PROCESS_BELOW or workers == 1:
+        for task in tasks:
+            yield task[2], check_row(task)
+            if progress is not None:
+                progress()
+        return
+    import multiprocessing
+
+    workers = workers or len(os.sched_getaffinity(0))
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=configure_worker_threads) as pool:
+        chunk = max(1, len(tasks) // (8 * workers))
+        for task, problems in zip(tasks, pool.map(check_row, tasks, chunksize=chunk)):
+            yield task[2], problems
+            if progress is not None:
+                progress()
+
+
+_READERS: dict[str, CacheReader] = {}
+
+
+def check_row(task) -> list[str]:
+    """The problems of one row (empty if it is sound)."""
+    path, split, row, done, recorded, has_masks, num_classes, ignore_index = task
+    problems = []
+    if done is None:
+        problems.append("its done flag cannot be read (corrupt chunk)")
+    elif int(done) != 1:
+        problems.append("not done (never written, or the build was interrupted)")
+    if recorded is None:
+        problems.append("its checksums cannot be read (corrupt chunk)")
+    reader = _READERS.setdefault(path, CacheReader(path))
+    try:
+        image = np.asarray(reader.array(split, IMAGES)[row])
+    except Exception as exc:
+        return problems + [f"image tiles cannot be decoded ({type(exc).__name__}: {exc})"]
+    mask = None
+    if has_masks:
+        try:
+            mask = np.asarray(reader.array(split, MASKS)[row])
+        except Exception as exc:
+            return problems + [f"mask tiles cannot be decoded ({type(exc).__name__}: {exc})"]
+    crc_image, crc_mask = row_checksums(image, mask)
+    if recorded is not None and int(recorded[0]) != crc_image:
+        problems.append(f"image checksum {crc_image:#010x} differs from the recorded {int(recorded[0]):#010x}")
+    if recorded is not None and has_masks and int(recorded[1]) != crc_mask:
+        problems.append(f"mask checksum {crc_mask:#010x} differs from the recorded {int(recorded[1]):#010x}")
+    if mask is not None:
+        counts = np.bincount(mask.ravel(), minlength=256)
+        counts[:num_classes] = 0
+        counts[ignore_index] = 0
+        if counts.any():
+            values = np.flatnonzero(counts)
+            problems.append(f"mask has {int(counts.sum())} pixels outside 0..{num_classes - 1} and "
+                            f"{ignore_index} (values {', '.join(map(str, values[:5]))})")
+    return problems
+

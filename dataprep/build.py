@@ -1,0 +1,364 @@
+"""`dataprep build`: raw Cityscapes tree -> the tiled Zarr cache, in parallel, resumable.
+
+Per split: find the frames (dataprep.discover), check them cheaply (PNG header and end,
+polygon JSON and its image size, one frame size per split), create or resume the split, and
+let worker processes do all the per-pixel work of a frame: decode the PNG once, render the
+trainIds from the polygons, write the tiles, read them back and compare crc32s. The parent
+only records each row's checksums and done flag and shows progress. A split is marked
+complete once every row is done; a complete split is left alone unless `force`.
+
+Bad input (`on_error`):
+  "stop" (default): the first bad frame stops the build with a one-line error naming the
+      file; the split stays incomplete (rows already written are kept, and the next run
+      resumes once the file is fixed).
+  "skip": bad frames are left out of the split's frame list, which is then completed
+      without them; they are recorded in the split's `skipped` attribute (name -> problem)
+      and listed at the end, and the exit status is EXIT_SKIPPED (3), not 0, so that a
+      script notices a cache with frames missing. Later runs leave them out again;
+      `--force` retries them.
+Problems that are not about one frame (no tree, unwritable --out, a cache made with other
+options, a storage fault) always stop the build.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cache.format import UserError
+from cache.writer import SKIPPED_ATTR, CacheWriter, RowWriter, SplitPlan, Storage
+from dataprep.discover import Frame, discover, unlabelled_splits
+from dataprep.rasterize import BadFrame, load_polygons, render_trainids
+
+ON_ERROR_CHOICES = ("stop", "skip")
+EXIT_SKIPPED = 3
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+_PROBE_IN_PARENT_BELOW = 32  # frames; fewer are checked without starting the worker pool
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    root: Path
+    out: Path
+    splits: tuple[str, ...] | None = None   # None: every split present
+    workers: int | None = None               # None: every core this process may use
+    limit: int | None = None                 # first N frames per split (smoke runs)
+    force: bool = False
+    coarse: bool = False
+    on_error: str = "stop"
+    storage: Storage = field(default_factory=Storage)
+
+    def __post_init__(self):
+        if self.workers is not None and self.workers < 1:
+            raise UserError(f"--workers must be at least 1, got {self.workers}")
+        if self.limit is not None and self.limit < 1:
+            raise UserError(f"--limit must be at least 1, got {self.limit}")
+        if self.on_error not in ON_ERROR_CHOICES:
+            raise UserError(f"--on-error must be one of {', '.join(ON_ERROR_CHOICES)}, got {self.on_error!r}")
+
+
+@dataclass
+class SplitResult:
+    name: str
+    frames: int
+    has_masks: bool
+    rows_written: int = 0
+    already_complete: bool = False
+    skipped: dict = field(default_factory=dict)  # frame name -> problem
+
+
+@dataclass
+class BuildReport:
+    out: Path
+    splits: list[SplitResult] = field(default_factory=list)
+
+    @property
+    def skipped(self) -> dict[str, str]:
+        return {f"{s.name}/{name}": problem for s in self.splits for name, problem in s.skipped.items()}
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_SKIPPED if self.skipped else 0
+
+
+class BuildEvents:
+    """What a build reports while it runs; the CLI shows it, tests may record it."""
+
+    def message(self, text: str) -> None: ...
+    def split_started(self, split: str, total: int, done: int) -> None: ...
+    def row_done(self, split: str) -> None: ...
+    def split_finished(self, split: str) -> None: ...
+
+
+def default_workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def build_cache(options: BuildOptions, events: BuildEvents | None = None) -> BuildReport:
+    """Build (or resume, or confirm) the cache at options.out from the tree at options.root."""
+    try:
+        return _build(options, events or BuildEvents())
+    except OSError as exc:  # disk full, permissions changed under us...: one line, not a traceback
+        where = exc.filename or options.out
+        raise UserError(f"{where}: {exc.strerror or exc} (while building {options.out})") from None
+
+
+def _build(options: BuildOptions, events: BuildEvents) -> BuildReport:
+    found = discover(options.root, options.splits, coarse=options.coarse)
+    for split in unlabelled_splits(found):
+        events.message(f"split {split!r} has no polygon files: images only, no masks array")
+    writer = CacheWriter(options.out, force=options.force)
+    report = BuildReport(Path(options.out))
+    with _WorkerPool(options.workers or default_workers()) as pool:
+        for split, frames in found.items():
+            frames = frames[: options.limit] if options.limit else frames
+            report.splits.append(_build_split(writer, pool, split, frames, options, events))
+    return report
+
+
+def _build_split(writer: CacheWriter, pool: "_WorkerPool", split: str, frames: list[Frame],
+                 options: BuildOptions, events: BuildEvents) -> SplitResult:
+    plan, by_name = _plan_split(writer, pool, split, frames, options, events)
+    result = SplitResult(split, len(plan.frames), plan.has_masks, skipped=dict(plan.skipped))
+    if not options.force and writer.is_complete(plan, options.storage):
+        result.already_complete = True
+        events.message(f"split {split!r}: complete already ({len(plan.frames)} frames); "
+                       "--force rebuilds it")
+        return result
+    done = writer.prepare_split(plan, options.storage, force=options.force)
+    events.split_started(split, len(plan.frames), int(done.sum()))
+    while True:
+        todo = [row for row in range(len(plan.frames)) if not done[row]]
+        written, failed = _write_rows(writer, pool, plan, todo, by_name, options, events)
+        result.rows_written += written
+        if not failed:
+            break
+        # --on-error skip: leave the bad frames out, then write the rows whose frame moved
+        frames_left = writer.drop_frames(split, failed)
+        if not frames_left:
+            raise BadFrame(f"split {split!r}: every frame is bad; first: {next(iter(failed.values()))}")
+        plan = SplitPlan(split, frames_left, plan.height, plan.width, plan.has_masks,
+                         {**plan.skipped, **failed})
+        result.frames, result.skipped = len(frames_left), dict(plan.skipped)
+        done = writer.done_flags(split)
+    if not writer.finish_split(split):
+        raise UserError(f"{options.out}/{split}: rows are missing after the build (storage fault?); "
+                        "run the build again")
+    events.split_finished(split)
+    return result
+
+
+def _plan_split(writer, pool, split, frames, options, events) -> tuple[SplitPlan, dict[str, Frame]]:
+    """The split's frame list and frame size, after the cheap checks of every frame."""
+    labelled = bool(frames) and frames[0].polygons is not None
+    previous = writer.split_attrs(split) if not options.force else None
+    skipped = dict((previous or {}).get(SKIPPED_ATTR, {}))
+    frames = [f for f in frames if f.name not in skipped]
+    if skipped:
+        events.message(f"split {split!r}: {len(skipped)} frames left out by an earlier "
+                       "--on-error skip run (--force retries them)")
+    probes = pool.map(probe_frame, frames, in_parent=len(frames) < _PROBE_IN_PARENT_BELOW)
+    sizes = Counter(size for size, problem in probes if problem is None)
+    common = sizes.most_common(1)[0][0] if sizes else None
+    bad, good = {}, []
+    for frame, (size, problem) in zip(frames, probes):
+        if problem is None and size != common:
+            problem = (f"{frame.image}: image is {size[1]}x{size[0]} but the other frames of split "
+                       f"{split!r} are {common[1]}x{common[0]}")
+        if problem is None:
+            good.append(frame)
+            continue
+        if options.on_error == "stop":
+            raise BadFrame(problem)
+        bad[frame.name] = problem
+    if not good:
+        raise BadFrame(f"split {split!r}: every frame is bad; first: {next(iter(bad.values()))}")
+    plan = SplitPlan(split, tuple(f.name for f in good), common[0], common[1], labelled,
+                     {**skipped, **bad})
+    return plan, {f.name: f for f in good}
+
+
+def _write_rows(writer, pool, plan, todo, by_name, options, events) -> tuple[int, dict[str, str]]:
+    """Write the rows in `todo` in the workers; returns (rows written, bad frames: name -> problem)."""
+    row_writer = RowWriter(options.out, plan.name)
+    tasks = [(row_writer, row, by_name[plan.frames[row]], (plan.height, plan.width)) for row in todo]
+    written, failed = 0, {}
+    for row, checksums, problem in pool.imap_unordered(build_row, tasks, stop=lambda: bool(failed)
+                                                       and options.on_error == "stop"):
+        if problem is not None:
+            failed[plan.frames[row]] = problem
+            continue
+        writer.record_row(plan.name, row, checksums)
+        written += 1
+        events.row_done(plan.name)
+    if failed and options.on_error == "stop":
+        raise BadFrame(next(iter(failed.values())))
+    return written, failed
+
+
+# -- the per-frame work (runs in worker processes) ----------------------------
+def probe_frame(frame: Frame) -> tuple[tuple[int, int] | None, str | None]:
+    """((height, width), None) if the frame passes the cheap checks, else (None, problem)."""
+    try:
+        size = png_size(frame.image)
+        if frame.polygons is not None:
+            polygons = load_polygons(frame.polygons)
+            if (polygons.height, polygons.width) != size:
+                return None, (f"{frame.image}: image is {size[1]}x{size[0]} but {frame.polygons.name} "
+                              f"says {polygons.width}x{polygons.height}")
+    except BadFrame as exc:
+        return None, str(exc)
+    return size, None
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    """(height, width) from the PNG header; BadFrame if it is not a complete 8-bit PNG."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(33)
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 4096))
+            tail = f.read()
+    except OSError as exc:
+        raise BadFrame(f"{path}: cannot read image ({exc.strerror or exc})") from None
+    if len(head) < 33 or not head.startswith(_PNG_SIGNATURE) or head[12:16] != b"IHDR":
+        raise BadFrame(f"{path}: not a PNG file (or truncated before its header)")
+    width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    if head[24] != 8:
+        raise BadFrame(f"{path}: {head[24]}-bit PNG; expected 8 bits per channel")
+    if _PNG_END not in tail:
+        raise BadFrame(f"{path}: truncated PNG (no IEND chunk at its end)")
+    return height, width
+
+
+def decode_image(path: Path) -> np.ndarray:
+    """uint8 (H, W, 3) RGB; BadFrame if PIL cannot decode the whole file."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.mode != "RGB":
+                image = image.convert("RGB")
+            return np.asarray(image)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise BadFrame(f"{path}: cannot decode PNG ({exc})") from None
+
+
+def build_row(task) -> tuple[int, tuple[int, int] | None, str | None]:
+    """Decode, render, write and check one frame: (row, checksums, None) or (row, None, problem)."""
+    row_writer, row, frame, (height, width) = task
+    try:
+        image = decode_image(frame.image)
+        if image.shape[:2] != (height, width):
+            raise BadFrame(f"{frame.image}: image is {image.shape[1]}x{image.shape[0]} but the "
+                           f"split's frames are {width}x{height}")
+        mask = None
+        if frame.polygons is not None:
+            mask = render_trainids(frame.polygons)
+            if mask.shape != (height, width):
+                raise BadFrame(f"{frame.polygons}: says {mask.shape[1]}x{mask.shape[0]} but the image "
+                               f"is {width}x{height}")
+    except BadFrame as exc:
+        return row, None, str(exc)
+    try:
+        return row, row_writer.write_row(row, image, mask), None
+    except OSError as exc:
+        raise UserError(f"{row_writer.path}: cannot write row {row} of split "
+                        f"{row_writer.split!r} ({exc.strerror or exc})") from None
+
+
+# -- the process pool ----------------------------------------------------------
+def _init_worker() -> None:
+    from cache.writer import configure_worker_threads
+
+    _die_with_parent()
+    configure_worker_threads()
+    # Ctrl-C goes to the whole process group; the parent alone decides what happens.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _die_with_parent() -> None:
+    """Linux: a worker gets SIGKILL when its parent dies (e.g. the build was kill -9'ed), so
+    no orphan keeps writing while the next run resumes."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def worker_context():
+    """forkserver where there is one: not plain fork, because the parent runs threads (zarr's
+    IO loop, rich's refresh) and a forked child could inherit a lock one of them held; and
+    not spawn, because a forkserver imports this module once and then forks every worker
+    from that clean process, instead of each worker importing zarr, PIL and numpy again."""
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["dataprep.build"])
+        return context
+    return multiprocessing.get_context("spawn")
+
+
+class _WorkerPool:
+    """A process pool started on first use, shared by every split of a build; with one
+    worker the work runs in this process (no pool to start, easier to debug)."""
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self._executor: ProcessPoolExecutor | None = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def _pool(self) -> ProcessPoolExecutor:
+        if self._executor is None:
+            self._executor = ProcessPoolExecutor(self.workers, mp_context=worker_context(),
+                                                 initializer=_init_worker)
+        return self._executor
+
+    def map(self, func, items, *, in_parent: bool = False) -> list:
+        if in_parent or not items or self.workers == 1:
+            return [func(item) for item in items]
+        chunk = max(1, len(items) // (8 * self.workers))
+        return list(self._pool().map(func, items, chunksize=chunk))
+
+    def imap_unordered(self, func, items, *, stop):
+        """Results as they complete; once stop() is true, queued items are cancelled and the
+        running ones are waited for (their rows are still recorded)."""
+        if self.workers == 1:
+            for item in items:
+                yield func(item)
+                if stop():
+                    return
+            return
+        if not items:
+            return
+        pool = self._pool()
+        pending = {pool.submit(func, item) for item in items}
+        try:
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    if not future.cancelled():
+                        yield future.result()
+                if stop():
+                    for future in pending:
+                        future.cancel()
+        finally:
+            for future in pending:
+                future.cancel()

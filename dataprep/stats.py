@@ -1,0 +1,114 @@
+"""`dataprep stats`: class pixel counts, frequencies and class weights of a cache split.
+
+Streams the masks row by row (one bincount per frame), so memory stays at one frame.
+Weights (19 floats each, trainId order), with p_c = pixels of class c / labelled pixels:
+  enet:              1 / ln(1.02 + p_c)                    (Paszke et al., ENet)
+  median_frequency:  median(f) / f_c, f_c = pixels of c / pixels of the frames where c
+                     appears                               (Eigen & Fergus)
+  inverse_sqrt:      1 / sqrt(p_c), scaled so that sum_c p_c w_c = 1 (the loss keeps its scale)
+A class with no pixel at all gets the largest weight of the others under the last two (its
+weight never multiplies a pixel of this split; a finite value keeps the JSON valid).
+The JSON (CACHE/stats.json by default) is what `train --class-weights FILE[:method]` reads.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from cache.format import MASKS, STATS_FILE, CacheError, UserError
+from cache.reader import CacheReader
+
+WEIGHT_METHODS = ("enet", "median_frequency", "inverse_sqrt")
+ENET_C = 1.02
+
+
+def open_labelled_split(cache: str | os.PathLike, split: str):
+    """(reader, split info); CacheError for a missing, unfinished or unlabelled split."""
+    reader = CacheReader(cache)
+    info = reader.split(split)
+    if not info.has_masks:
+        raise CacheError(f"{reader.path}: split {split!r} has no masks (an unlabelled split); "
+                         "stats need a labelled split such as train")
+    return reader, info
+
+
+def class_histograms(reader: CacheReader, split: str, progress=None) -> tuple[np.ndarray, np.ndarray]:
+    """(pixel counts per value 0..255 summed over the split, frames in which each value appears)."""
+    info = reader.split(split)
+    masks = reader.array(split, MASKS)
+    pixels = np.zeros(256, dtype=np.int64)
+    present = np.zeros(256, dtype=np.int64)
+    for row in range(len(info)):
+        counts = np.bincount(np.asarray(masks[row]).ravel(), minlength=256)
+        pixels += counts
+        present += counts > 0
+        if progress is not None:
+            progress()
+    return pixels, present
+
+
+def class_weights(pixel_counts: np.ndarray, frame_pixels: np.ndarray) -> dict[str, list[float]]:
+    """Weights per method from per-class pixel counts and the pixels of the frames holding each class."""
+    counts = pixel_counts.astype(np.float64)
+    total = counts.sum()
+    p = counts / total if total > 0 else np.zeros_like(counts)
+    seen = counts > 0
+    enet = 1.0 / np.log(ENET_C + p)
+    median = np.zeros_like(p)
+    inv_sqrt = np.zeros_like(p)
+    if seen.any():
+        freq = np.where(seen, counts / np.maximum(frame_pixels, 1), 0.0)
+        median[seen] = np.median(freq[seen]) / freq[seen]
+        inv_sqrt[seen] = 1.0 / np.sqrt(p[seen])
+        inv_sqrt[seen] /= float((p[seen] * inv_sqrt[seen]).sum())
+        median[~seen] = median[seen].max()
+        inv_sqrt[~seen] = inv_sqrt[seen].max()
+    return {"enet": enet.tolist(), "median_frequency": median.tolist(), "inverse_sqrt": inv_sqrt.tolist()}
+
+
+def compute_stats(cache: str | os.PathLike, split: str = "train", progress=None) -> dict:
+    """The stats document of one split (see the module docstring for the weights)."""
+    reader, info = open_labelled_split(cache, split)
+    n = reader.num_classes
+    pixels, present = class_histograms(reader, split, progress)
+    frame_size = info.height * info.width
+    class_pixels = pixels[:n]
+    labelled = int(class_pixels.sum())
+    total = int(pixels.sum())
+    ignored = int(pixels[reader.ignore_index])
+    other = total - labelled - ignored
+    if other:
+        raise CacheError(f"{reader.path}/{split}: {other} mask pixels are neither a trainId "
+                         f"0..{n - 1} nor {reader.ignore_index}; run `dataprep verify`")
+    return {
+        "split": split,
+        "frames": len(info),
+        "height": info.height,
+        "width": info.width,
+        "num_classes": n,
+        "ignore_index": reader.ignore_index,
+        "class_names": reader.class_names,
+        "pixel_counts": [int(c) for c in class_pixels],
+        "frequencies": [c / labelled if labelled else 0.0 for c in class_pixels.tolist()],
+        "frame_counts": [int(c) for c in present[:n]],
+        "labelled_pixels": labelled,
+        "ignored_pixels": ignored,
+        "ignored_fraction": ignored / total if total else 0.0,
+        "weights": class_weights(class_pixels, present[:n] * frame_size),
+    }
+
+
+def write_stats(stats: dict, cache: str | os.PathLike, json_path: str | os.PathLike | None = None) -> Path:
+    """Write the stats JSON (default CACHE/stats.json) atomically; returns its path."""
+    path = Path(json_path) if json_path is not None else Path(cache) / STATS_FILE
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(stats, indent=2) + "\n")
+        tmp.replace(path)
+    except OSError as exc:
+        raise UserError(f"--json {path}: cannot write ({exc.strerror or exc})") from None
+    return path

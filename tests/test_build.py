@@ -1,0 +1,448 @@
+"""`dataprep build`: content, resume (kill -9 included), refusals, bad input, --on-error."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from click.testing import CliRunner
+from PIL import Image
+
+from cache.format import CHECKSUMS, DONE, IMAGES, MASKS, ROOT_ATTRS, STATS_FILE
+from cache.reader import CacheReader
+from cache.writer import SKIPPED_ATTR, Storage
+from dataprep.build import EXIT_SKIPPED, BuildOptions, build_cache
+from dataprep.cli import main
+from dataprep.discover import discover
+from dataprep.rasterize import render_trainids
+from dataprep.synth import write_synthetic_tree
+
+ROOT_DIR = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def small_tree(tmp_path_factory) -> Path:
+    """train 4, val 2 (labelled), test 2 (images only); 256x512."""
+    root = tmp_path_factory.mktemp("raw") / "cityscapes"
+    write_synthetic_tree(root, 6, height=256, width=512, seed=3, with_test=True)
+    return root
+
+
+@pytest.fixture(scope="module")
+def clean_cache(small_tree, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("clean") / "cache"
+    report = build_cache(BuildOptions(root=small_tree, out=out, workers=2))
+    assert report.exit_code == 0
+    return out
+
+
+@pytest.fixture
+def tree(small_tree, tmp_path) -> Path:
+    """A private copy of the small tree, for tests that damage it."""
+    return Path(shutil.copytree(small_tree, tmp_path / "raw"))
+
+
+def run_build(*args):
+    result = CliRunner().invoke(main, ["build", *map(str, args)])
+    assert "Traceback" not in result.output, result.output
+    return result
+
+
+def error_line(result) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, result.output
+    return lines[0]
+
+
+def cache_files(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def assert_same_cache(a: Path, b: Path) -> None:
+    """Byte for byte: the same files (chunks, metadata, attributes) with the same contents."""
+    files_a, files_b = cache_files(a), cache_files(b)
+    assert sorted(files_a) == sorted(files_b)
+    different = [name for name in files_a if files_a[name] != files_b[name]]
+    assert not different, different[:5]
+
+
+# -- what a build writes --------------------------------------------------------
+def test_clean_build_holds_decoded_images_and_exact_masks(small_tree, clean_cache):
+    root = zarr.open_group(str(clean_cache), mode="r")
+    assert dict(root.attrs) == ROOT_ATTRS
+    found = discover(small_tree)
+    reader = CacheReader(clean_cache)
+    assert reader.split_names() == ["test", "train", "val"]
+    for split, frames in found.items():
+        group = root[split]
+        assert group.attrs["frames"] == [f.name for f in frames]
+        assert group.attrs["complete"] is True
+        assert group[IMAGES].chunks == (1, Storage().tile, Storage().tile, 3)
+        assert group[IMAGES].shards is None  # one file per tile (and, here, per row)
+        assert np.asarray(group[DONE][:]).tolist() == [1] * len(frames)
+        for row, frame in enumerate(frames):
+            image = np.asarray(Image.open(frame.image).convert("RGB"))
+            np.testing.assert_array_equal(group[IMAGES][row], image)
+            sums = np.asarray(group[CHECKSUMS][row])
+            assert int(sums[0]) == zlib.crc32(image.tobytes())
+            if frame.polygons is None:
+                continue
+            mask = render_trainids(frame.polygons)
+            np.testing.assert_array_equal(group[MASKS][row], mask)
+            assert int(sums[1]) == zlib.crc32(mask.tobytes())
+    assert MASKS not in [name for name, _ in root["test"].arrays()]
+    assert root["train"][MASKS].chunks == (1, Storage().tile, Storage().tile)
+
+
+def test_cli_build_says_which_split_has_no_masks_and_rerun_rebuilds_nothing(small_tree, tmp_path, clean_cache):
+    out = tmp_path / "cache"
+    first = run_build("--root", small_tree, "--out", out, "--workers", "1", "--tile", "128")
+    assert first.exit_code == 0, first.output
+    assert "'test' has no polygon files: images only, no masks array" in first.output
+    assert "test: 2 frames, images only" in first.output
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    again = run_build("--root", small_tree, "--out", out, "--workers", "1", "--tile", "128")
+    assert again.exit_code == 0, again.output
+    assert again.output.count("already complete") == 3
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_limit_and_splits_options(small_tree, tmp_path):
+    out = tmp_path / "cache"
+    result = run_build("--root", small_tree, "--out", out, "--workers", "1", "--limit", "1",
+                       "--splits", "val,train")
+    assert result.exit_code == 0, result.output
+    reader = CacheReader(out)
+    assert reader.split_names() == ["train", "val"]
+    assert len(reader.split("train")) == 1 and len(reader.split("val")) == 1
+    assert reader.split("train").frames[0] == discover(small_tree)["train"][0].name
+
+
+def test_two_workers_and_one_give_the_same_bytes(small_tree, tmp_path, clean_cache):
+    out = tmp_path / "cache"
+    assert run_build("--root", small_tree, "--out", out, "--workers", "1").exit_code == 0
+    assert_same_cache(clean_cache, out)
+
+
+def test_sharded_build_holds_the_same_pixels_in_one_file_per_row(small_tree, tmp_path, clean_cache):
+    out = tmp_path / "cache"
+    result = run_build("--root", small_tree, "--out", out, "--workers", "1", "--tile", "128", "--shard")
+    assert result.exit_code == 0, result.output
+    group = zarr.open_group(str(out), mode="r")["train"]
+    assert group[IMAGES].chunks == (1, 128, 128, 3) and group[IMAGES].shards == (1, 256, 512, 3)
+    assert len([p for p in (out / "train" / IMAGES / "c").rglob("*") if p.is_file()]) == 4
+    sharded, clean = CacheReader(out), CacheReader(clean_cache)
+    for split in ("train", "val", "test"):
+        for row in range(len(clean.split(split))):
+            for got, want in zip(sharded.read_frame(split, row), clean.read_frame(split, row)):
+                np.testing.assert_array_equal(got, want)
+    assert sharded.read_window("train", 1, 100, 200, 60, 90)[0].shape == (60, 90, 3)
+
+
+# -- resume ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def kill_tree(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("killraw") / "cityscapes"
+    write_synthetic_tree(root, 16, height=512, width=1024, seed=5)  # train 12, val 4
+    return root
+
+
+def done_rows(out: Path, split: str) -> int:
+    chunks = out / split / DONE / "c"
+    return sum(1 for p in chunks.iterdir() if p.name.isdigit()) if chunks.is_dir() else 0
+
+
+def start_and_kill(root: Path, out: Path, kill_after: int) -> None:
+    """Start a build in a subprocess and kill -9 it once `kill_after` train rows are done."""
+    command = [sys.executable, "-m", "dataprep.cli", "build", "--root", str(root), "--out", str(out),
+               "--workers", "2", "--tile", "128"]
+    proc = subprocess.Popen(command, cwd=ROOT_DIR, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while done_rows(out, "train") < kill_after and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    assert proc.poll() is None, f"the build ended before it could be killed: {proc.stderr.read()}"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+
+
+def test_kill_9_mid_build_then_rerun_gives_exactly_the_clean_build(kill_tree, tmp_path):
+    clean = tmp_path / "clean"
+    build_cache(BuildOptions(root=kill_tree, out=clean, workers=2, storage=Storage(tile=128)))
+    out = tmp_path / "killed"
+    start_and_kill(kill_tree, out, kill_after=2)
+    start_and_kill(kill_tree, out, kill_after=7)  # resumes, and is killed again
+    train = zarr.open_group(str(out), mode="r")["train"]
+    assert train.attrs["complete"] is False
+    assert 7 <= done_rows(out, "train") < 12
+    # the workers die with the build (PR_SET_PDEATHSIG): nothing writes to the cache any more
+    time.sleep(0.3)
+    snapshot = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    time.sleep(0.5)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == snapshot
+    result = run_build("--root", kill_tree, "--out", out, "--workers", "2", "--tile", "128")
+    assert result.exit_code == 0, result.output
+    written = {line.split(":")[0]: line for line in result.stderr.splitlines() if "rows written" in line}
+    assert "12 frames" in written["train"] and "rows written" in written["train"]
+    assert not list(out.rglob("*.partial"))
+    assert_same_cache(clean, out)
+
+
+def test_torn_done_or_checksum_chunk_reads_as_not_done(small_tree, tmp_path, clean_cache):
+    out = tmp_path / "cache"
+    shutil.copytree(clean_cache, out)
+    train = zarr.open_group(str(out), mode="r+")["train"]
+    train.attrs["complete"] = False  # as if the build had been interrupted
+    (out / "train" / DONE / "c" / "1").write_bytes(b"")             # torn: empty file
+    (out / "train" / CHECKSUMS / "c" / "2" / "0").write_bytes(b"\x01\x02")  # torn: short
+    (out / "train" / IMAGES / "c" / "3.0123.partial").write_bytes(b"leftover")
+    result = run_build("--root", small_tree, "--out", out, "--workers", "1")
+    assert result.exit_code == 0, result.output
+    assert "train: 4 frames, images + masks, 2 rows written" in result.output
+    assert_same_cache(clean_cache, out)
+
+
+def test_interrupted_split_setup_is_started_again(small_tree, tmp_path, clean_cache):
+    out = tmp_path / "cache"
+    shutil.copytree(clean_cache, out)
+    shutil.rmtree(out / "val" / DONE)  # killed before the done array was created
+    zarr.open_group(str(out), mode="r+")["val"].attrs["complete"] = False
+    result = run_build("--root", small_tree, "--out", out, "--workers", "1")
+    assert result.exit_code == 0, result.output
+    assert "val: 2 frames, images + masks, 2 rows written" in result.output
+    assert_same_cache(clean_cache, out)
+
+
+# -- refusals -------------------------------------------------------------------
+@pytest.mark.parametrize("first, second, words", [
+    (["--tile", "128"], ["--tile", "256"], "128 px tiles"),
+    (["--codec", "lz4"], ["--codec", "zstd-1"], "another codec"),
+    (["--limit", "1"], [], "holds 1 frames but this build would make 2"),
+    (["--shard"], [], "written with shards, this build without"),
+])
+def test_resume_with_other_options_is_refused_until_force(small_tree, tmp_path, first, second, words):
+    out = tmp_path / "cache"
+    common = ["--root", small_tree, "--out", out, "--workers", "1", "--splits", "val"]
+    assert run_build(*common, *first).exit_code == 0
+    refused = run_build(*common, *second)
+    assert refused.exit_code == 1
+    line = error_line(refused)
+    assert words in line and "--force" in line
+    forced = run_build(*common, *second, "--force")
+    assert forced.exit_code == 0, forced.output
+    assert zarr.open_group(str(out), mode="r")["val"].attrs["complete"] is True
+
+
+def test_force_rebuilds_and_drops_stale_stats(small_tree, tmp_path, clean_cache):
+    out = tmp_path / "cache"
+    shutil.copytree(clean_cache, out)
+    (out / STATS_FILE).write_text(json.dumps({"split": "train"}))
+    result = run_build("--root", small_tree, "--out", out, "--workers", "1", "--splits", "train", "--force")
+    assert result.exit_code == 0, result.output
+    assert "train: 4 frames, images + masks, 4 rows written" in result.output
+    assert not (out / STATS_FILE).exists()
+    assert_same_cache(clean_cache, out)
+
+
+def test_other_format_version_is_refused_until_force(small_tree, tmp_path, clean_cache):
+    out = tmp_path / "cache"
+    shutil.copytree(clean_cache, out)
+    zarr.open_group(str(out), mode="r+").attrs["version"] = 99
+    refused = run_build("--root", small_tree, "--out", out, "--workers", "1")
+    assert refused.exit_code == 1 and "version 99" in error_line(refused) and "--force" in error_line(refused)
+    assert run_build("--root", small_tree, "--out", out, "--workers", "1", "--force").exit_code == 0
+    assert_same_cache(clean_cache, out)
+
+
+def test_out_that_is_not_a_cache_is_never_touched(small_tree, tmp_path):
+    out = tmp_path / "papers"
+    out.mkdir()
+    (out / "thesis.txt").write_text("precious")
+    for extra in ([], ["--force"]):
+        result = run_build("--root", small_tree, "--out", out, *extra)
+        assert result.exit_code == 1
+        assert str(out) in error_line(result) and "not a Cityscapes cache" in error_line(result)
+    assert [p.name for p in out.iterdir()] == ["thesis.txt"]
+
+
+# -- bad input ------------------------------------------------------------------
+def first_frame(root: Path, split: str = "train"):
+    return discover(root, [split])[split][0]
+
+
+def truncate(path: Path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def flip_middle(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) // 2, len(data) // 2 + 64):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def resize_image(path: Path, width: int, height: int) -> None:
+    Image.open(path).convert("RGB").resize((width, height)).save(path)
+
+
+def set_json_size(path: Path, width: int, height: int) -> None:
+    doc = json.loads(path.read_text())
+    doc["imgWidth"], doc["imgHeight"] = width, height
+    path.write_text(json.dumps(doc))
+
+
+def add_unknown_label(path: Path) -> None:
+    doc = json.loads(path.read_text())
+    doc["objects"].append({"label": "flying saucer", "polygon": [[0, 0], [20, 0], [20, 20]], "deleted": 0})
+    path.write_text(json.dumps(doc))
+
+
+BAD_FRAMES = {
+    "truncated json": (lambda f: truncate(f.polygons), "polygons", "not valid JSON"),
+    "not json": (lambda f: f.polygons.write_text("<html>404</html>"), "polygons", "not valid JSON"),
+    "garbage png": (lambda f: f.image.write_bytes(b"GIF89a" + bytes(100)), "image", "not a PNG"),
+    "truncated png": (lambda f: truncate(f.image), "image", "truncated PNG"),
+    "corrupt png data": (lambda f: flip_middle(f.image), "image", "cannot decode PNG"),
+    "size differs from json": (lambda f: resize_image(f.image, 256, 128), "image", "says 512x256"),
+    "unknown label": (lambda f: add_unknown_label(f.polygons), "polygons", "unknown label"),
+    "other frame size": (lambda f: (resize_image(f.image, 256, 128), set_json_size(f.polygons, 256, 128)),
+                         "image", "other frames of split 'train' are 512x256"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_FRAMES))
+def test_bad_frame_stops_the_build_naming_the_file(tree, tmp_path, kind):
+    damage, which, words = BAD_FRAMES[kind]
+    frame = discover(tree, ["train"])["train"][2]
+    damage(frame)
+    out = tmp_path / "cache"
+    result = run_build("--root", tree, "--out", out, "--workers", "1")
+    assert result.exit_code == 1
+    line = error_line(result)
+    assert str(getattr(frame, which)) in line and words in line
+    root = zarr.open_group(str(out), mode="r")
+    if "train" in [name for name, _ in root.groups()]:  # found while decoding: split unfinished
+        assert root["train"].attrs["complete"] is False
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_decode_time_failure_keeps_written_rows_and_resumes_once_fixed(tree, tmp_path, clean_cache, workers):
+    frame = discover(tree, ["train"])["train"][2]
+    original = frame.polygons.read_bytes()
+    add_unknown_label(frame.polygons)
+    out = tmp_path / "cache"
+    stopped = run_build("--root", tree, "--out", out, "--workers", workers, "--splits", "train")
+    assert stopped.exit_code == 1 and "unknown label" in error_line(stopped)
+    done = CacheReader(out).done_rows("train").tolist()
+    assert done[:3] == [True, True, False]  # with 2 workers row 3 may have been written too
+    frame.polygons.write_bytes(original)
+    result = run_build("--root", tree, "--out", out, "--workers", workers)
+    assert result.exit_code == 0, result.output
+    assert f"train: 4 frames, images + masks, {4 - sum(done)} rows written" in result.output
+    assert_same_cache(clean_cache, out)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_on_error_skip_leaves_bad_frames_out_and_exits_3(tree, tmp_path, clean_cache, workers):
+    frames = discover(tree, ["train"])["train"]
+    truncate(frames[0].polygons)            # found by the cheap checks
+    add_unknown_label(frames[2].polygons)   # found only while rendering
+    out = tmp_path / "cache"
+    result = run_build("--root", tree, "--out", out, "--workers", workers, "--on-error", "skip")
+    assert result.exit_code == EXIT_SKIPPED, result.output
+    assert "2 bad frames were left out" in result.output
+    assert f"skipped train/{frames[0].name}" in result.stderr and "not valid JSON" in result.stderr
+    assert f"skipped train/{frames[2].name}" in result.stderr and "unknown label" in result.stderr
+    good = [frames[1].name, frames[3].name]
+    group = zarr.open_group(str(out), mode="r")["train"]
+    assert group.attrs["frames"] == good and group.attrs["complete"] is True
+    assert sorted(group.attrs[SKIPPED_ATTR]) == sorted([frames[0].name, frames[2].name])
+    assert group[IMAGES].shape[0] == 2 and group[DONE].shape == (2,)
+    clean = zarr.open_group(str(clean_cache), mode="r")["train"]
+    for row, name in enumerate(good):
+        clean_row = clean.attrs["frames"].index(name)
+        for array in (IMAGES, MASKS, CHECKSUMS):
+            np.testing.assert_array_equal(group[array][row], clean[array][clean_row])
+    again = run_build("--root", tree, "--out", out, "--workers", workers, "--on-error", "skip")
+    assert again.exit_code == EXIT_SKIPPED and "train: 2 frames, images + masks, already complete" in again.output
+
+
+def test_tree_and_out_problems_are_one_line_errors(tmp_path, small_tree):
+    empty = tmp_path / "empty"
+    (empty / "leftImg8bit" / "train").mkdir(parents=True)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    missing_gt = Path(shutil.copytree(small_tree, tmp_path / "nogt"))
+    first_frame(missing_gt).polygons.unlink()
+    cases = [
+        (["--root", tmp_path / "nowhere", "--out", tmp_path / "c1"], "does not exist"),
+        (["--root", empty, "--out", tmp_path / "c2"], "no *_leftImg8bit.png images"),
+        (["--root", small_tree, "--out", blocker / "cache"], "cannot write"),
+        (["--root", missing_gt, "--out", tmp_path / "c3"], "no polygon file"),
+        (["--root", small_tree, "--out", tmp_path / "c4", "--workers", "0"], "--workers"),
+        (["--root", small_tree, "--out", tmp_path / "c5", "--splits", "nosuch"], "'nosuch' not found"),
+    ]
+    for args, words in cases:
+        result = run_build(*args)
+        assert result.exit_code == 1, (args, result.output)
+        assert words in error_line(result), (args, result.output)
+    missing = run_build("--out", tmp_path / "c6")
+    assert missing.exit_code == 2 and "--root" in missing.output
+
+
+def test_coarse_builds_train_extra_from_gtcoarse(tree, tmp_path):
+    """train_extra (gtCoarse polygons) is built only with --coarse."""
+    for frame in discover(tree, ["train"])["train"][:2]:
+        city = frame.image.parent.name
+        stem = frame.name.split("/")[1]
+        image_dir = tree / "leftImg8bit" / "train_extra" / city
+        gt_dir = tree / "gtCoarse" / "train_extra" / city
+        image_dir.mkdir(parents=True, exist_ok=True)
+        gt_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copy(frame.image, image_dir / frame.image.name)
+        shutil.copy(frame.polygons, gt_dir / f"{stem}_gtCoarse_polygons.json")
+    out = tmp_path / "cache"
+    plain = run_build("--root", tree, "--out", out, "--workers", "1", "--limit", "1")
+    assert plain.exit_code == 0 and "train_extra" not in CacheReader(out).split_names()
+    coarse = run_build("--root", tree, "--out", out, "--workers", "1", "--coarse", "--splits", "train_extra")
+    assert coarse.exit_code == 0, coarse.output
+    extra = discover(tree, ["train_extra"], coarse=True)["train_extra"]
+    reader = CacheReader(out)
+    assert reader.split("train_extra").frames == tuple(f.name for f in extra)
+    for row, frame in enumerate(extra):
+        np.testing.assert_array_equal(reader.read_frame("train_extra", row)[1], render_trainids(frame.polygons))
+
+
+def test_drop_interrupted_before_the_arrays_shrank_is_finished_on_resume(tmp_path):
+    """--on-error skip drops frames in three steps; a kill between the last two is repaired."""
+    from cache.writer import CacheWriter, RowWriter, SplitPlan
+    from tests.cachefab import blocky_frame
+
+    names = tuple(f"a/a_{i:06d}_000019" for i in range(4))
+    writer = CacheWriter(tmp_path / "cache")
+    storage = Storage(tile=64)
+    writer.prepare_split(SplitPlan("train", names, 64, 128, True), storage)
+    rows = RowWriter(tmp_path / "cache", "train")
+    for row in range(4):
+        writer.record_row("train", row, rows.write_row(row, *blocky_frame(64, 128, seed=row)))
+    # drop_frames steps 1 and 2 (done flags from the first dropped row on, then the frame list)...
+    group = writer.root["train"]
+    group[DONE][1:] = 0
+    group.attrs.update({"frames": [names[0], names[2], names[3]], SKIPPED_ATTR: {names[1]: "bad"}})
+    # ...then killed before the arrays were resized; the next run plans the 3 frames:
+    plan = SplitPlan("train", (names[0], names[2], names[3]), 64, 128, True, {names[1]: "bad"})
+    done = CacheWriter(tmp_path / "cache").prepare_split(plan, storage)
+    assert done.tolist() == [True, False, False]
+    assert group[IMAGES].shape[0] == 3 and group[DONE].shape == (3,) and group[CHECKSUMS].shape == (3, 2)
+    np.testing.assert_array_equal(CacheReader(tmp_path / "cache").read_frame("train", 0)[1],
+                                  blocky_frame(64, 128, seed=0)[1])
