@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,7 +78,10 @@ class CacheReader:
         return list(self.attrs["class_names"])
 
     def split_names(self) -> list[str]:
-        return sorted(name for name, _ in self._group().groups())
+        with warnings.catch_warnings():
+            # stats.json sits in the root by contract; zarr warns that it is not a node
+            warnings.filterwarnings("ignore", message=".*not recognized as a component")
+            return sorted(name for name, _ in self._group().groups())
 
     def split(self, name: str, *, require_complete: bool = True) -> SplitInfo:
         """Frames and frame size of a split; refuses an unknown or unfinished split."""
