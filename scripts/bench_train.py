@@ -1,0 +1,85 @@
+"""Training throughput (forward + backward + optimiser step) with each loader kind.
+
+    python scripts/bench_train.py --cache CACHE --res 640 --batch-size 8 \
+        --arch deeplabv3plus --encoder resnet50 --loaders replay,torch,dali --iters 50 \
+        --json bench/train.json
+
+"replay" feeds one batch already on the device over and over: the ceiling a loader can
+reach. loader_cost = 1 - images_per_s / ceiling (the target is under 5% with DALI on a GPU).
+loader_only_images_per_s is the loader alone, nothing else running. The logic lives in
+training.engine.benchmark_training; this script only parses options and reports.
+"""
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+
+import click
+import torch
+
+from cache.format import UserError
+from training.cli import report_user_errors
+
+
+@click.command()
+@click.option("--cache", required=True, help="Cache made by `dataprep build`.")
+@click.option("--res", default="640", show_default=True, help="Crop size N or HxW.")
+@click.option("--batch-size", default=8, show_default=True, type=int)
+@click.option("--arch", default="deeplabv3plus", show_default=True)
+@click.option("--encoder", default="resnet50", show_default=True)
+@click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE",
+              help="Extra smp model argument (repeatable), e.g. encoder_depth=3.")
+@click.option("--loaders", default="replay,torch,dali", show_default=True,
+              help="Comma-separated: replay, torch, dali.")
+@click.option("--iters", default=30, show_default=True, type=int, help="Timed steps per loader.")
+@click.option("--warmup", default=5, show_default=True, type=int, help="Untimed steps first.")
+@click.option("--rounds", default=1, show_default=True, type=int,
+              help="Kinds take turns this many times; the median counts (shared machines).")
+@click.option("--workers", default=None, type=int, help="Loader workers [loader default].")
+@click.option("--device", default=None, help="cpu or cuda [cuda if available].")
+@click.option("--amp", default="none", show_default=True, help="bf16, fp16 or none.")
+@click.option("--threads", default=None, type=int, help="torch intra-op threads (CPU).")
+@click.option("--json", "json_path", default=None, help="Write the results here.")
+@report_user_errors
+def main(cache, res, batch_size, arch, encoder, model_args, loaders, iters, warmup, rounds,
+         workers, device, amp, threads, json_path):
+    from training.config import parse_model_args, resolve_config
+    from training.engine import benchmark_training
+
+    if threads:
+        torch.set_num_threads(threads)
+    kinds = tuple(k.strip() for k in loaders.split(",") if k.strip())
+    unknown = set(kinds) - {"replay", "torch", "dali"}
+    if unknown or not kinds:
+        raise UserError(f"--loaders {loaders!r}: choose from replay, torch, dali")
+    config = resolve_config({
+        "cache": cache, "res": res, "batch_size": batch_size, "arch": arch, "encoder": encoder,
+        "encoder_weights": "none", "model_kwargs": parse_model_args(model_args),
+        "workers": workers, "device": device, "amp": amp, "out": "unused"})
+    report = benchmark_training(config, kinds, iters=iters, warmup=warmup, rounds=rounds)
+    report.update(cache=str(cache), host=platform.node(), cpu_count=_cores(),
+                  gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+                  torch=torch.__version__)
+    for kind, result in report["results"].items():
+        cost = result["loader_cost"]
+        alone = result["loader_only_images_per_s"]
+        click.echo(f"{kind:>7}: {result['images_per_s']:8.2f} img/s train"
+                   f"{'' if alone is None else f', {alone:8.2f} img/s loader alone'}"
+                   f"{'' if cost is None else f', loader cost {100 * cost:5.1f}%'}")
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _cores() -> int:
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""Losses, class weights, the model factory, the schedule, the optimiser and checkpoint files."""
+from __future__ import annotations
+
+import json
+import math
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cache.format import UserError
+from training.checkpoint import (capture_rng, check_compatible, load_checkpoint, load_for_eval,
+                                 restore_rng, save_checkpoint)
+from training.config import resolve_config
+from training.engine import build_optimizer, lr_factor
+from training.losses import (CrossEntropy, DiceLoss, FocalLoss, build_loss, load_class_weights,
+                             parse_loss_spec, split_weights_spec)
+from training.model import build_model, canonical_arch
+
+IGNORE = 255
+
+
+def random_batch(seed=0, classes=5, shape=(2, 8, 8), ignored=0.3):
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(shape[0], classes, *shape[1:], generator=gen, requires_grad=True)
+    target = torch.randint(0, classes, shape, generator=gen)
+    target[torch.rand(shape, generator=gen) < ignored] = IGNORE
+    return logits, target
+
+
+# -- losses ------------------------------------------------------------------------------------
+
+def test_cross_entropy_matches_torch_and_ignores_255():
+    logits, target = random_batch()
+    weight = torch.tensor([1.0, 2.0, 0.5, 3.0, 1.5])
+    for w in (None, weight):
+        ours = CrossEntropy(IGNORE, w)(logits, target)
+        ref = F.cross_entropy(logits, target, weight=w, ignore_index=IGNORE)
+        assert torch.allclose(ours, ref, atol=1e-6)
+    # changing the logits of ignored pixels changes nothing
+    moved = logits.detach().clone()
+    moved[(target == IGNORE).unsqueeze(1).expand_as(moved)] += 100.0
+    assert torch.allclose(CrossEntropy(IGNORE)(moved, target), CrossEntropy(IGNORE)(logits, target))
+
+
+@pytest.mark.parametrize("name", ["ce", "focal", "dice", "ce+dice"])
+def test_all_ignored_batch_gives_zero_loss_with_a_graph(name):
+    logits, target = random_batch()
+    target[:] = IGNORE
+    loss = build_loss(name, ignore_index=IGNORE)(logits, target)
+    assert loss.item() == 0.0 and math.isfinite(loss.item())
+    loss.backward()
+    assert torch.count_nonzero(logits.grad) == 0
+
+
+def test_focal_with_gamma_zero_is_cross_entropy_and_down_weights_easy_pixels():
+    logits, target = random_batch(seed=1)
+    weight = torch.tensor([1.0, 2.0, 0.5, 3.0, 1.5])
+    ce = CrossEntropy(IGNORE, weight)(logits, target)
+    assert torch.allclose(FocalLoss(IGNORE, weight, gamma=0.0)(logits, target), ce, atol=1e-6)
+    assert FocalLoss(IGNORE, weight, gamma=2.0)(logits, target) < ce
+
+
+def test_dice_is_zero_for_a_perfect_prediction_and_high_for_a_wrong_one():
+    _, target = random_batch(seed=2)
+    perfect = F.one_hot(torch.where(target == IGNORE, 0, target), 5).permute(0, 3, 1, 2) * 50.0
+    assert DiceLoss(IGNORE, smooth=0.0)(perfect.float(), target).item() == pytest.approx(0.0, abs=1e-6)
+    wrong = perfect.roll(1, dims=1)
+    assert DiceLoss(IGNORE, smooth=0.0)(wrong.float(), target).item() > 0.95
+
+
+def test_class_weights_change_dice_and_focal():
+    logits, target = random_batch(seed=3)
+    heavy = torch.tensor([10.0, 1.0, 1.0, 1.0, 1.0])
+    for cls in (DiceLoss, FocalLoss):
+        assert not torch.allclose(cls(IGNORE, heavy)(logits, target), cls(IGNORE)(logits, target))
+
+
+def test_loss_spec_sums_terms_with_factors():
+    logits, target = random_batch(seed=4)
+    combined = build_loss("ce+0.5*dice", ignore_index=IGNORE)(logits, target)
+    expected = CrossEntropy(IGNORE)(logits, target) + 0.5 * DiceLoss(IGNORE)(logits, target)
+    assert torch.allclose(combined, expected)
+    assert parse_loss_spec("CE + Focal") == [(1.0, "ce"), (1.0, "focal")]
+    for bad in ("lovasz", "ce+", "-1*ce", "x*dice"):
+        with pytest.raises(UserError, match="--loss"):
+            parse_loss_spec(bad)
+
+
+def test_losses_are_float32_under_bf16_autocast():
+    logits, target = random_batch(seed=5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = build_loss("ce+dice+focal", ignore_index=IGNORE)(logits.bfloat16(), target)
+    assert loss.dtype == torch.float32
+
+
+def test_class_weights_file(tmp_path):
+    stats = tmp_path / "stats.json"
+    table = {"enet": [float(i + 1) for i in range(19)], "median_frequency": [0.5] * 19}
+    stats.write_text(json.dumps({"weights": table}))
+    assert load_class_weights(str(stats), 19) == table["enet"]
+    assert load_class_weights(f"{stats}:median_frequency", 19) == [0.5] * 19
+    assert split_weights_spec("/a/b/stats.json") == (tmp_path.__class__("/a/b/stats.json"), "enet")
+    with pytest.raises(UserError, match="no weights for method 'inverse_sqrt'.*enet, median_frequency"):
+        load_class_weights(f"{stats}:inverse_sqrt", 19)
+    with pytest.raises(UserError, match="must be 5 finite numbers"):
+        load_class_weights(str(stats), 5)
+    with pytest.raises(UserError, match="no such file"):
+        load_class_weights(str(tmp_path / "missing.json"), 19)
+    stats.write_text(json.dumps({"frames": 3}))
+    with pytest.raises(UserError, match="no 'weights' table"):
+        load_class_weights(str(stats), 19)
+
+
+# -- model factory -----------------------------------------------------------------------------
+
+def test_build_model_any_case_and_aliases():
+    assert canonical_arch("DeepLabV3Plus") == "deeplabv3plus"
+    assert canonical_arch("unet++") == "unetplusplus"
+    assert canonical_arch("UPerNet") == "upernet"
+    model = build_model("FPN", "resnet18", 7, None, decoder_pyramid_channels=32,
+                        decoder_segmentation_channels=32)
+    assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 7, 64, 64)
+
+
+def test_build_model_errors_name_the_option():
+    with pytest.raises(UserError, match="--arch 'segnet': unknown architecture; choose one of: .*Unet"):
+        build_model("segnet", "resnet18", 19)
+    with pytest.raises(UserError, match="--encoder 'resnet9000': unknown encoder"):
+        build_model("unet", "resnet9000", 19)
+    with pytest.raises(UserError, match="--encoder-weights foo: not available"):
+        build_model("unet", "resnet18", 19, "foo")
+    with pytest.raises(UserError, match="smp cannot build this model"):
+        build_model("dpt", "resnet18", 19)
+
+
+# -- schedule and optimiser --------------------------------------------------------------------
+
+def test_lr_schedules():
+    poly = [lr_factor(s, total=100, warmup=10, schedule="poly", power=0.9) for s in range(100)]
+    assert poly[0] == pytest.approx(0.1) and poly[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(poly[9:], poly[10:])) and poly[-1] < 0.05
+    cosine = [lr_factor(s, total=100, warmup=0, schedule="cosine", power=0.9) for s in range(101)]
+    assert cosine[0] == 1.0 and cosine[50] == pytest.approx(0.5) and cosine[100] == pytest.approx(0.0)
+
+
+def test_optimizer_decays_only_weights(tmp_path):
+    model = build_model("unet", "resnet18", 19, None, encoder_depth=3, decoder_channels=(16, 8, 8))
+    for name, kind in (("sgd", torch.optim.SGD), ("adamw", torch.optim.AdamW)):
+        config = resolve_config({"cache": str(tmp_path), "optimizer": name})
+        optimizer = build_optimizer(model, config)
+        assert isinstance(optimizer, kind)
+        decay, no_decay = optimizer.param_groups
+        assert decay["weight_decay"] == config.resolved_weight_decay > 0
+        assert no_decay["weight_decay"] == 0 and all(p.ndim == 1 for p in no_decay["params"])
+        assert decay["lr"] == config.resolved_lr
+
+
+# -- checkpoint files --------------------------------------------------------------------------
+
+def tiny_meta(**changes):
+    meta = {"arch": "unet", "encoder": "resnet18", "num_classes": 19,
+            "model_kwargs": {"encoder_depth": 3, "decoder_channels": (16, 8, 8)},
+            "class_names": [f"c{i}" for i in range(19)], "ignore_index": 255, "res": [64, 64]}
+    meta.update(changes)
+    return meta
+
+
+def test_checkpoint_round_trip_and_load_for_eval(tmp_path):
+    meta = tiny_meta()
+    model = build_model("unet", "resnet18", 19, None, **meta["model_kwargs"])
+    path = save_checkpoint(tmp_path / "best.pt", {"meta": meta, "model": model.state_dict()})
+    assert not (tmp_path / "best.pt.tmp").exists()
+    torch.load(path, weights_only=True)          # plain types only
+    loaded, loaded_meta = load_for_eval(path, "cpu")
+    assert not loaded.training and loaded_meta["class_names"] == meta["class_names"]
+    x = torch.randn(1, 3, 64, 64)
+    model.eval()
+    assert torch.equal(loaded(x), model(x))
+
+
+def test_checkpoint_refusals(tmp_path):
+    with pytest.raises(UserError, match="no such checkpoint"):
+        load_checkpoint(tmp_path / "none.pt")
+    torn = tmp_path / "torn.pt"
+    torn.write_bytes(b"PK\x03\x04 not a whole file")
+    with pytest.raises(UserError, match="not a readable checkpoint"):
+        load_checkpoint(torn)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(UserError, match="not a checkpoint written by `train`"):
+        load_checkpoint(foreign)
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "cityscapes-seg-checkpoint", "version": 1, "x": pickle.PickleError()}, evil)
+    with pytest.raises(UserError, match="refused: it holds objects other than tensors"):
+        load_checkpoint(evil)
+    meta = tiny_meta()
+    check_compatible(meta, tiny_meta(), "ck.pt")
+    with pytest.raises(UserError, match=r"ck.pt: checkpoint is for another model: arch 'unet' \(this run: 'fpn'\)"):
+        check_compatible(meta, tiny_meta(arch="fpn"), "ck.pt")
+    with pytest.raises(UserError, match="num_classes 19 \\(this run: 7\\)"):
+        check_compatible(meta, tiny_meta(num_classes=7), "ck.pt")
+
+
+def test_load_for_eval_refuses_weights_of_another_shape(tmp_path):
+    other = build_model("unet", "resnet18", 7, None, encoder_depth=3, decoder_channels=(16, 8, 8))
+    path = save_checkpoint(tmp_path / "x.pt", {"meta": tiny_meta(), "model": other.state_dict()})
+    with pytest.raises(UserError, match="the weights do not fit the model"):
+        load_for_eval(path)
+
+
+def test_rng_state_round_trip_through_a_checkpoint(tmp_path):
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(3), np.random.seed(3), random.seed(3)
+    save_checkpoint(tmp_path / "r.pt", {"rng": capture_rng()})
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    torch.manual_seed(99), np.random.seed(99), random.seed(99)
+    restore_rng(load_checkpoint(tmp_path / "r.pt")["rng"])
+    got = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1])
+    assert got[2] == expected[2]

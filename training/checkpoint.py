@@ -1,0 +1,124 @@
+"""Checkpoints: plain tensors, dicts, lists, numbers and strings, so `torch.load(...,
+weights_only=True)` reads them; written atomically (a temporary file, fsync, os.replace), so a
+kill at any moment leaves either the old or the new file, never a torn one.
+
+A checkpoint is a dict:
+    format, version   this module's names, checked on load
+    meta              what is needed to rebuild the model and read its output: arch, encoder,
+                      model_kwargs, num_classes, class_names, ignore_index, res, eval_scale, ...
+    model             the (unwrapped) model's state_dict
+    progress          epoch, batch_in_epoch, step, best_miou (training checkpoints)
+    optimizer, scheduler, scaler, rng, config, log_window   (last.pt only)
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from cache.format import UserError
+
+CHECKPOINT_FORMAT = "cityscapes-seg-checkpoint"
+CHECKPOINT_VERSION = 1
+# The fields that decide whether saved weights fit a model.
+MODEL_IDENTITY = ("arch", "encoder", "num_classes", "model_kwargs")
+
+
+def save_checkpoint(path: str | os.PathLike, payload: dict) -> Path:
+    """Write `payload` (plus format and version) to `path` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as handle:
+        torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **payload}, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Read a checkpoint with weights_only=True onto the CPU; refuse anything that is not ours."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such checkpoint")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UserError(f"{path}: refused: it holds objects other than tensors and plain "
+                        f"containers ({str(exc).splitlines()[0][:120]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise UserError(f"{path}: not a readable checkpoint ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:120] if str(exc) else 'truncated?'})") from None
+    if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path}: not a checkpoint written by `train` (no format={CHECKPOINT_FORMAT!r})")
+    if data.get("version") != CHECKPOINT_VERSION:
+        raise UserError(f"{path}: checkpoint version {data.get('version')} is not supported "
+                        f"(this code reads version {CHECKPOINT_VERSION})")
+    return data
+
+
+def _identity(meta: dict) -> dict:
+    kwargs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in meta.get("model_kwargs", {}).items()}
+    return {"arch": meta.get("arch"), "encoder": meta.get("encoder"),
+            "num_classes": meta.get("num_classes"), "model_kwargs": kwargs}
+
+
+def check_compatible(meta: dict, expected: dict, path: str | os.PathLike) -> None:
+    """Refuse a checkpoint of another architecture, encoder, decoder settings or class count."""
+    have, want = _identity(meta), _identity(expected)
+    diffs = [f"{key} {have[key]!r} (this run: {want[key]!r})"
+             for key in MODEL_IDENTITY if have[key] != want[key]]
+    if diffs:
+        raise UserError(f"{path}: checkpoint is for another model: {'; '.join(diffs)}; "
+                        "use a new --out, or the options the run was started with")
+
+
+def load_model_state(model: nn.Module, state: dict, path: str | os.PathLike) -> None:
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0][:200]
+        raise UserError(f"{path}: the weights do not fit the model ({first})") from None
+
+
+def load_for_eval(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """(model in eval mode on `device`, meta) from best.pt or last.pt; never downloads."""
+    from training.model import build_model
+
+    data = load_checkpoint(path)
+    meta = dict(data["meta"])
+    model = build_model(meta["arch"], meta["encoder"], meta["num_classes"], None,
+                        **meta.get("model_kwargs", {}))
+    load_model_state(model, data["model"], path)
+    meta.setdefault("progress", data.get("progress", {}))
+    return model.to(device).eval(), meta
+
+
+# -- RNG state, as plain tensors and numbers ----------------------------------------------------
+
+def capture_rng() -> dict:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": random.getstate(),
+    }
+
+
+def restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    npy = state["numpy"]
+    np.random.set_state((npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"],
+                         npy["has_gauss"], npy["cached_gaussian"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))

@@ -1,0 +1,355 @@
+"""The training configuration: one dataclass, filled from defaults, a config file and flags.
+
+Precedence, lowest first: the dataclass defaults; on `--resume`, the config saved in the run
+dir; the `--config FILE` (YAML or JSON, keys are the option names with `_` or `-`); the
+command-line flags the user actually typed. The resolved config is saved in the run dir as
+config.yaml (config.json where PyYAML is missing) so that a run can be repeated or resumed.
+
+Every value goes through the same parser whether it comes from a file or a flag, so
+`res: 512x1024` in a file and `--res 512x1024` mean the same thing.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from cache.format import UserError
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("poly", "cosine")
+AMP_MODES = ("bf16", "fp16")
+LOADERS = ("dali", "torch")
+CONFIG_NAMES = ("config.yaml", "config.json")
+
+# Per-optimiser defaults for --lr and --weight-decay (torchvision's segmentation reference for
+# SGD; the usual AdamW setting for fine-tuning an ImageNet encoder).
+DEFAULT_LR = {"sgd": 0.01, "adamw": 1e-4}
+DEFAULT_WEIGHT_DECAY = {"sgd": 1e-4, "adamw": 1e-2}
+DEFAULT_EPOCHS = 100
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    cache: str | None = None
+    out: str = "runs/train"
+    loader: str = "dali"
+    train_split: str = "train"
+    val_split: str = "val"
+    arch: str = "deeplabv3plus"
+    encoder: str = "resnet50"
+    encoder_weights: str | None = "imagenet"
+    model_kwargs: dict = field(default_factory=dict)
+    epochs: int | None = None          # neither epochs nor iters: DEFAULT_EPOCHS
+    iters: int | None = None           # optimiser steps
+    batch_size: int = 8                # per rank, per micro-batch
+    val_batch_size: int = 1
+    grad_accum: int = 1
+    lr: float | None = None            # None: DEFAULT_LR[optimizer]
+    weight_decay: float | None = None  # None: DEFAULT_WEIGHT_DECAY[optimizer]
+    momentum: float = 0.9
+    optimizer: str = "sgd"
+    schedule: str = "poly"
+    poly_power: float = 0.9
+    warmup: int = 0                    # optimiser steps of linear warm-up
+    loss: str = "ce"
+    class_weights: str | None = None   # "PATH/stats.json[:method]"
+    amp: str | None = None
+    eval_every: int | None = None      # optimiser steps; None: at the end of every epoch
+    log_every: int = 10
+    checkpoint_every: int | None = None  # optimiser steps; besides every eval and epoch end
+    res: tuple[int, int] = (640, 640)
+    scale: tuple[float, float] = (0.5, 2.0)
+    eval_scale: float = 1.0
+    flip_prob: float = 0.5
+    jitter: bool = True
+    cat_max_ratio: float | None = None
+    workers: int | None = None
+    device: str | None = None          # None: cuda if available, else cpu
+    seed: int = 0
+    limit: int | None = None           # smoke: steps per epoch and validation frames
+    sync_bn: bool = False
+    deterministic: bool = False
+    plots: bool = True
+
+    @property
+    def resolved_epochs(self) -> int | None:
+        if self.epochs is None and self.iters is None:
+            return DEFAULT_EPOCHS
+        return self.epochs
+
+    @property
+    def resolved_lr(self) -> float:
+        return DEFAULT_LR[self.optimizer] if self.lr is None else self.lr
+
+    @property
+    def resolved_weight_decay(self) -> float:
+        return DEFAULT_WEIGHT_DECAY[self.optimizer] if self.weight_decay is None else self.weight_decay
+
+    def to_dict(self) -> dict:
+        """Plain JSON/YAML types only (tuples become lists)."""
+        out = asdict(self)
+        for key, value in out.items():
+            if isinstance(value, tuple):
+                out[key] = list(value)
+        return out
+
+
+# -- value parsers: (value, option name) -> value, raising UserError with the option's name ----
+
+def _fail(name: str, value: Any, want: str) -> UserError:
+    return UserError(f"--{name.replace('_', '-')}: {value!r} is not {want}")
+
+
+def _int(minimum: int) -> Callable:
+    def parse(value, name):
+        if isinstance(value, bool):
+            raise _fail(name, value, "an integer")
+        try:
+            number = int(str(value))
+        except ValueError:
+            raise _fail(name, value, "an integer") from None
+        if number < minimum:
+            raise _fail(name, value, f"an integer >= {minimum}")
+        return number
+    return parse
+
+
+def _float(minimum: float, *, strict: bool = False) -> Callable:
+    def parse(value, name):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise _fail(name, value, "a number") from None
+        if not math.isfinite(number) or number < minimum or (strict and number == minimum):
+            raise _fail(name, value, f"a number {'>' if strict else '>='} {minimum}")
+        return number
+    return parse
+
+
+def _bool(value, name):
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise _fail(name, value, "true or false")
+
+
+def _str(value, name):
+    if not isinstance(value, (str, int, float)) or isinstance(value, bool) or str(value) == "":
+        raise _fail(name, value, "a non-empty string")
+    return str(value)
+
+
+def _choice(choices: tuple[str, ...], *, none_word: str | None = None) -> Callable:
+    def parse(value, name):
+        text = str(value).strip().lower()
+        if none_word is not None and (value is None or text == none_word):
+            return None
+        if text not in choices:
+            allowed = list(choices) + ([none_word] if none_word else [])
+            raise UserError(f"--{name.replace('_', '-')}: {value!r} is not one of: {', '.join(allowed)}")
+        return text
+    return parse
+
+
+def _encoder_weights(value, name):
+    if value is None or str(value).strip().lower() in ("none", "null", ""):
+        return None
+    return _str(value, name)
+
+
+def _pair(value, name, cast, sep_words: str) -> tuple:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (cast(value), cast(value))
+    if isinstance(value, (list, tuple)):
+        parts = list(value)
+    else:
+        text = str(value).strip().lower()
+        parts = text.replace("x", ",").split(",") if "," in text or "x" in text else [text]
+    if len(parts) == 1:
+        parts = parts * 2
+    try:
+        pair = tuple(cast(str(p).strip()) for p in parts)
+    except ValueError:
+        raise _fail(name, value, sep_words) from None
+    if len(pair) != 2:
+        raise _fail(name, value, sep_words)
+    return pair
+
+
+def _res(value, name):
+    """640 -> (640, 640); "512x1024" or [512, 1024] -> (512, 1024) as (height, width)."""
+    pair = _pair(value, name, int, "a size like 640 or 512x1024 (height x width)")
+    if min(pair) < 1:
+        raise _fail(name, value, "a positive size")
+    return pair
+
+
+def _scale(value, name):
+    """"0.5,2.0" or [0.5, 2.0] -> (0.5, 2.0); one number -> a fixed scale."""
+    pair = _pair(value, name, float, "a range like 0.5,2.0")
+    if not 0 < pair[0] <= pair[1]:
+        raise _fail(name, value, "a range low,high with 0 < low <= high")
+    return pair
+
+
+def _optional(parse: Callable) -> Callable:
+    def wrapped(value, name):
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null")):
+            return None
+        return parse(value, name)
+    return wrapped
+
+
+def _model_kwargs(value, name):
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise _fail(name, value, "a mapping of keyword arguments")
+    return {key: (tuple(v) if isinstance(v, list) else v) for key, v in value.items()}
+
+
+PARSERS: dict[str, Callable] = {
+    "cache": _optional(_str), "out": _str, "loader": _choice(LOADERS),
+    "train_split": _str, "val_split": _str, "arch": _str, "encoder": _str,
+    "encoder_weights": _encoder_weights, "model_kwargs": _model_kwargs,
+    "epochs": _optional(_int(1)), "iters": _optional(_int(1)), "batch_size": _int(1),
+    "val_batch_size": _int(1), "grad_accum": _int(1), "lr": _optional(_float(0.0, strict=True)),
+    "weight_decay": _optional(_float(0.0)), "momentum": _float(0.0),
+    "optimizer": _choice(OPTIMIZERS), "schedule": _choice(SCHEDULES),
+    "poly_power": _float(0.0, strict=True), "warmup": _int(0), "loss": _str,
+    "class_weights": _optional(_str), "amp": _choice(AMP_MODES, none_word="none"),
+    "eval_every": _optional(_int(1)), "log_every": _int(1), "checkpoint_every": _optional(_int(1)),
+    "res": _res, "scale": _scale, "eval_scale": _float(0.0, strict=True),
+    "flip_prob": _float(0.0), "jitter": _bool, "cat_max_ratio": _optional(_float(0.0, strict=True)),
+    "workers": _optional(_int(0)), "device": _optional(_str), "seed": _int(0),
+    "limit": _optional(_int(1)), "sync_bn": _bool, "deterministic": _bool, "plots": _bool,
+}
+assert set(PARSERS) == {f.name for f in fields(TrainConfig)}, "every option needs a parser"
+
+
+def parse_values(values: dict, source: str) -> dict:
+    """Parse raw option values (from a file or flags); unknown keys are refused by name."""
+    parsed = {}
+    for raw_key, value in values.items():
+        key = str(raw_key).replace("-", "_")
+        if key not in PARSERS:
+            import difflib
+
+            close = difflib.get_close_matches(key, PARSERS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise UserError(f"{source}: unknown option {raw_key!r}{hint}")
+        parsed[key] = PARSERS[key](value, key)
+    return parsed
+
+
+def read_config_file(path: str | os.PathLike) -> dict:
+    """Raw values of a YAML (.yaml/.yml) or JSON file; a mapping at the top level."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--config {path}: no such file")
+    text = path.read_text()
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        elif path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            raise UserError(f"--config {path}: use a .yaml, .yml or .json file")
+    except UserError:
+        raise
+    except Exception as exc:  # yaml.YAMLError, json.JSONDecodeError
+        raise UserError(f"--config {path}: cannot parse ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"--config {path}: the top level must be a mapping of option: value")
+    return data
+
+
+def saved_config_path(run_dir: str | os.PathLike) -> Path | None:
+    for name in CONFIG_NAMES:
+        path = Path(run_dir) / name
+        if path.is_file():
+            return path
+    return None
+
+
+def resolve_config(flags: dict, config_file: str | None = None, *, resume: bool = False) -> TrainConfig:
+    """Defaults < saved run config (on resume) < config file < flags (None means 'not given')."""
+    flags = {k: v for k, v in flags.items() if v is not None}
+    values: dict = {}
+    file_values = parse_values(read_config_file(config_file), f"--config {config_file}") \
+        if config_file else {}
+    if resume:
+        out = flags.get("out", file_values.get("out", TrainConfig.out))
+        saved = saved_config_path(out)
+        if saved is not None:
+            values.update(parse_values(read_config_file(saved), str(saved)))
+    values.update(file_values)
+    given = parse_values(flags, "command line")
+    if "model_kwargs" in given:    # --model-arg sets single keys of the file's model_kwargs
+        given["model_kwargs"] = {**values.get("model_kwargs", {}), **given["model_kwargs"]}
+    values.update(given)
+    return validate(TrainConfig(**values))
+
+
+def parse_model_args(pairs) -> dict:
+    """("encoder_depth=3", "decoder_channels=[32,16,8]") -> {"encoder_depth": 3, ...};
+    values are read as YAML scalars/lists (numbers, true/false, null, [a, b])."""
+    import yaml
+
+    kwargs = {}
+    for pair in pairs:
+        key, sep, text = str(pair).partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise UserError(f"--model-arg {pair!r}: expected KEY=VALUE, e.g. encoder_depth=3")
+        try:
+            kwargs[key.strip()] = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise UserError(f"--model-arg {pair!r}: cannot read the value {text!r}") from None
+    return kwargs
+
+
+def validate(config: TrainConfig) -> TrainConfig:
+    """Checks that involve more than one option."""
+    if config.cache is None:
+        raise UserError("--cache is required (the cache made by `dataprep build`)")
+    if config.epochs is not None and config.iters is not None:
+        raise UserError("give --epochs or --iters, not both")
+    if config.warmup and config.iters is not None and config.warmup >= config.iters:
+        raise UserError(f"--warmup {config.warmup} must be smaller than --iters {config.iters}")
+    if not 0.0 <= config.flip_prob <= 1.0:
+        raise UserError(f"--flip-prob must be in [0, 1], got {config.flip_prob}")
+    from training.losses import parse_loss_spec
+
+    parse_loss_spec(config.loss)
+    return config
+
+
+def save_config(config: TrainConfig, run_dir: str | os.PathLike) -> Path:
+    """Write the resolved config into the run dir (YAML where PyYAML is installed), atomically."""
+    data = config.to_dict()
+    try:
+        import yaml
+
+        path, text = Path(run_dir) / "config.yaml", yaml.safe_dump(data, sort_keys=False)
+    except ImportError:
+        path, text = Path(run_dir) / "config.json", json.dumps(data, indent=2) + "\n"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def with_overrides(config: TrainConfig, **changes) -> TrainConfig:
+    """A copy with some options changed, parsed and checked like any other source."""
+    return validate(replace(config, **parse_values(changes, "override")))

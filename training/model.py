@@ -1,0 +1,125 @@
+"""The model factory: any segmentation_models_pytorch architecture by name, offline-safe.
+
+smp downloads ImageNet encoder weights from the Hugging Face hub (timm `tu-` encoders too) on
+first use. Without network and without the weights in the local cache that fails deep in
+huggingface_hub with a generic message; we turn it into a UserError that names the cause and
+the way out (`--encoder-weights none`).
+"""
+from __future__ import annotations
+
+import os
+
+from torch import nn
+
+from cache.format import UserError
+
+# Spellings people use for smp's architecture names (smp's own keys are the lowercase class names).
+ARCH_ALIASES = {"unet++": "unetplusplus", "deeplabv3+": "deeplabv3plus", "deeplab": "deeplabv3plus"}
+
+# Modules whose exceptions mean "could not fetch the weights" (the hub, HTTP clients, urllib).
+_DOWNLOAD_ERROR_MODULES = ("huggingface_hub", "httpx", "requests", "urllib3", "urllib")
+
+
+def architectures() -> dict[str, type]:
+    import segmentation_models_pytorch as smp
+
+    return dict(smp.MODEL_ARCHITECTURES_MAPPING)
+
+
+def canonical_arch(arch: str) -> str:
+    """Case-insensitive smp name ('DeepLabV3Plus', 'unet++' ...) -> smp's key."""
+    key = str(arch).strip().lower().replace("_", "").replace("-", "")
+    key = ARCH_ALIASES.get(key, key)
+    known = architectures()
+    if key not in known:
+        names = ", ".join(cls.__name__ for cls in known.values())
+        raise UserError(f"--arch {arch!r}: unknown architecture; choose one of: {names}")
+    return key
+
+
+def _is_download_error(exc: BaseException) -> bool:
+    for error in (exc, exc.__cause__, exc.__context__):
+        if error is None:
+            continue
+        module = type(error).__module__.split(".")[0]
+        if module in _DOWNLOAD_ERROR_MODULES or isinstance(error, (OSError, ConnectionError)):
+            return True
+    return False
+
+
+def _download_error(encoder: str, weights: str, exc: BaseException) -> UserError:
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    cause = "HF_HUB_OFFLINE is set" if offline else "no network"
+    cache = os.environ.get("HF_HOME") or os.path.expanduser("~/.cache/huggingface")
+    detail = str(exc).splitlines()[0].split(". ")[0][:160] if str(exc) else "no detail"
+    return UserError(
+        f"--encoder-weights {weights}: cannot get the {weights} weights of encoder {encoder!r} "
+        f"({cause} and they are not cached under {cache}: {type(exc).__name__}: {detail}); "
+        "train from scratch with --encoder-weights none, or fetch them once with network access")
+
+
+def build_model(arch: str, encoder: str, num_classes: int, encoder_weights: str | None = None,
+                **kw) -> nn.Module:
+    """smp.create_model with our error handling. `kw` goes to the architecture (e.g.
+    encoder_depth=3, decoder_channels=(32, 16, 8) for a tiny Unet)."""
+    import segmentation_models_pytorch as smp
+
+    key = canonical_arch(arch)
+    if isinstance(encoder_weights, str) and encoder_weights.strip().lower() in ("none", ""):
+        encoder_weights = None
+    requested = encoder_weights
+    if encoder.startswith("tu-") and encoder_weights is not None:
+        encoder_weights = True  # timm encoders take a flag; the tag lives in the encoder name
+    try:
+        return smp.create_model(key, encoder_name=encoder, encoder_weights=encoder_weights,
+                                in_channels=3, classes=int(num_classes), **kw)
+    except UserError:
+        raise
+    except KeyError as exc:
+        # smp: "Wrong encoder name ..." or "Wrong pretrained weights ..."
+        message = str(exc.args[0]) if exc.args else str(exc)
+        if "pretrained weights" in message:
+            raise UserError(f"--encoder-weights {requested}: not available for encoder "
+                            f"{encoder!r} ({message[:200]})") from None
+        raise UserError(f"--encoder {encoder!r}: unknown encoder; see the encoder table of "
+                        "segmentation_models_pytorch (e.g. resnet50, efficientnet-b4, "
+                        "tu-convnext_tiny)") from None
+    except Exception as exc:
+        if encoder_weights is not None and _is_download_error(exc):
+            raise _download_error(encoder, str(requested), exc) from None
+        if isinstance(exc, (ValueError, TypeError, AssertionError, RuntimeError)):
+            raise UserError(f"--arch {arch} --encoder {encoder}: smp cannot build this model "
+                            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+        raise
+
+
+def convert_sync_batchnorm(model: nn.Module) -> nn.Module:
+    from torch.nn import SyncBatchNorm
+
+    return SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+def freeze_unused_parameters(model: nn.Module, input_hw: tuple[int, int]) -> list[str]:
+    """Freeze the parameters a training forward pass never reaches; returns their names.
+
+    smp keeps the deeper encoder stages when encoder_depth < 5 but never runs them. DDP
+    refuses parameters without gradients unless it searches the graph for them every step
+    (find_unused_parameters); freezing them once is free. Done for every run, so that the
+    optimiser holds the same parameters whatever the world size (checkpoints stay portable).
+    The probe runs on a copy, so the model's BatchNorm statistics and the RNG are untouched.
+    """
+    import copy
+
+    import torch
+
+    probe = copy.deepcopy(model).train()
+    device = next(probe.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        out = probe(torch.zeros(2, 3, *input_hw, device=device))
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        out.float().mean().backward()
+    unused = [name for name, p in probe.named_parameters() if p.requires_grad and p.grad is None]
+    for name, param in model.named_parameters():
+        if name in unused:
+            param.requires_grad_(False)
+    return unused
