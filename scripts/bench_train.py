@@ -7,18 +7,16 @@
 "replay" feeds one batch already on the device over and over: the ceiling a loader can
 reach. loader_cost = 1 - images_per_s / ceiling (the target is under 5% with DALI on a GPU).
 loader_only_images_per_s is the loader alone, nothing else running. The logic lives in
-training.engine.benchmark_training; this script only parses options and reports.
+training.bench.benchmark_training; this script only parses options and reports.
 """
 from __future__ import annotations
 
 import json
-import platform
 from pathlib import Path
 
 import click
 import torch
 
-from cache.format import UserError
 from training.cli import report_user_errors
 
 
@@ -44,23 +42,17 @@ from training.cli import report_user_errors
 @report_user_errors
 def main(cache, res, batch_size, arch, encoder, model_args, loaders, iters, warmup, rounds,
          workers, device, amp, threads, json_path):
+    from training.bench import benchmark_training
     from training.config import parse_model_args, resolve_config
-    from training.engine import benchmark_training
 
     if threads:
         torch.set_num_threads(threads)
-    kinds = tuple(k.strip() for k in loaders.split(",") if k.strip())
-    unknown = set(kinds) - {"replay", "torch", "dali"}
-    if unknown or not kinds:
-        raise UserError(f"--loaders {loaders!r}: choose from replay, torch, dali")
     config = resolve_config({
         "cache": cache, "res": res, "batch_size": batch_size, "arch": arch, "encoder": encoder,
         "encoder_weights": "none", "model_kwargs": parse_model_args(model_args),
         "workers": workers, "device": device, "amp": amp, "out": "unused"})
+    kinds = [kind.strip() for kind in loaders.split(",") if kind.strip()]
     report = benchmark_training(config, kinds, iters=iters, warmup=warmup, rounds=rounds)
-    report.update(cache=str(cache), host=platform.node(), cpu_count=_cores(),
-                  gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-                  torch=torch.__version__)
     for kind, result in report["results"].items():
         cost = result["loader_cost"]
         alone = result["loader_only_images_per_s"]
@@ -70,15 +62,6 @@ def main(cache, res, batch_size, arch, encoder, model_args, loaders, iters, warm
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
-
-
-def _cores() -> int:
-    import os
-
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 if __name__ == "__main__":

@@ -156,7 +156,7 @@ def test_limit_tta_and_eval_scale(setup):
     root, cache, ckpt = setup
     out = root / "small"
     result = run_evaluate(ckpt, cache, "val", limit=2, eval_scale=0.5, tta_scales=(0.75, 1.0),
-                          tta_flip=True, export_dir=out, batch_size=2, **FAST)
+                          tta_flip=True, export_dir=out, batch_size=3, **FAST)   # a batch cut short
     assert result["frames"] == 2 and result["input_hw"] == [H // 2, W // 2]
     assert result["tta_scales"] == [0.75, 1.0] and result["tta_flip"] is True
     assert result["latency_tta_ms"] > 0
@@ -200,6 +200,10 @@ def test_user_mistakes_are_refused_before_any_work(tmp_path, setup):
         run_evaluate(ckpt, cache, eval_scale=0.0, **FAST)
     with pytest.raises(UserError, match="no split 'nope'"):
         run_evaluate(ckpt, cache, "nope", **FAST)
+    with pytest.raises(UserError, match="--amp fp16 needs a CUDA device"):
+        run_evaluate(ckpt, cache, amp="fp16", **FAST)
+    with pytest.raises(UserError, match=r"--tta: need one or more positive scales, got \(0.0, 1.0\)"):
+        run_evaluate(ckpt, cache, tta_scales=(0, 1), **FAST)
 
 
 def test_frame_names_the_benchmark_cannot_use_are_refused_before_export(tmp_path, setup):

@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from cache.format import UserError
 from training.checkpoint import (capture_rng, check_compatible, load_checkpoint, load_for_eval,
                                  restore_rng, save_checkpoint)
+from training.builders import build_optimizer, lr_factor
 from training.config import resolve_config
-from training.engine import build_optimizer, lr_factor
 from training.losses import (CrossEntropy, DiceLoss, FocalLoss, build_loss, load_class_weights,
                              parse_loss_spec, split_weights_spec)
-from training.model import build_model, canonical_arch
+from training.model import build_model, canonical_arch, check_input_size
 
 IGNORE = 255
 
@@ -135,6 +135,19 @@ def test_build_model_errors_name_the_option():
         build_model("dpt", "resnet18", 19)
 
 
+def test_a_crop_the_model_cannot_take_is_refused_with_one_that_it_can():
+    fpn = build_model("fpn", "resnet18", 19)
+    check_input_size(fpn, (64, 96))
+    with pytest.raises(UserError, match=r"--res 60x100: FPN needs a height and width divisible "
+                                        r"by 32; try --res 64x128"):
+        check_input_size(fpn, (60, 100))
+    with pytest.raises(RuntimeError, match="divisible by 32"):     # what it spares the user
+        fpn(torch.zeros(1, 3, 60, 100))
+    unet = build_model("unet", "resnet18", 19, encoder_depth=3, decoder_channels=(16, 8, 8))
+    check_input_size(unet, (60, 100))       # Unet resizes its skips: any size works
+    assert unet(torch.zeros(1, 3, 60, 100)).shape[-2:] == (60, 100)
+
+
 # -- schedule and optimiser --------------------------------------------------------------------
 
 def test_lr_schedules():
@@ -191,6 +204,10 @@ def test_checkpoint_refusals(tmp_path):
     torch.save({"state_dict": {}}, foreign)
     with pytest.raises(UserError, match="not a checkpoint written by `train`"):
         load_checkpoint(foreign)
+    text = tmp_path / "stats.json"
+    text.write_text('{"weights": {}}')
+    with pytest.raises(UserError, match=r"stats.json: not a checkpoint written by `train` \(not a torch.save file\)"):
+        load_checkpoint(text)
     evil = tmp_path / "evil.pt"
     torch.save({"format": "cityscapes-seg-checkpoint", "version": 1, "x": pickle.PickleError()}, evil)
     with pytest.raises(UserError, match="refused: it holds objects other than tensors"):
@@ -206,8 +223,18 @@ def test_checkpoint_refusals(tmp_path):
 def test_load_for_eval_refuses_weights_of_another_shape(tmp_path):
     other = build_model("unet", "resnet18", 7, None, encoder_depth=3, decoder_channels=(16, 8, 8))
     path = save_checkpoint(tmp_path / "x.pt", {"meta": tiny_meta(), "model": other.state_dict()})
-    with pytest.raises(UserError, match="the weights do not fit the model"):
+    with pytest.raises(UserError, match=r"the weights do not fit a Unet model: tensors 2 of "
+                                        r"another shape \(first: 'segmentation_head.0.weight'\)"):
         load_for_eval(path)
+    deeper = build_model("unet", "resnet18", 19, None, encoder_depth=4, decoder_channels=(16, 8, 8, 8))
+    path = save_checkpoint(tmp_path / "y.pt", {"meta": tiny_meta(), "model": deeper.state_dict()})
+    with pytest.raises(UserError, match=r"tensors \d+ unexpected \(first: '"):
+        load_for_eval(path)
+    unknown = save_checkpoint(tmp_path / "z.pt", {"meta": tiny_meta(arch="nosuch"),
+                                                  "model": other.state_dict()})
+    with pytest.raises(UserError, match=r"z.pt: cannot rebuild the checkpoint's model here "
+                                        r"\(--arch 'nosuch': unknown architecture"):
+        load_for_eval(unknown)
 
 
 def test_rng_state_round_trip_through_a_checkpoint(tmp_path):

@@ -15,7 +15,7 @@ from cache.format import UserError
 from tests.cachefab import blocky_cache
 from training.checkpoint import load_checkpoint
 from training.config import resolve_config
-from training.engine import run_training
+from training.run import run_training
 from training.plots import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,19 +28,19 @@ ITERS, KILL_AFTER, CHECKPOINT_EVERY = 10, 5, 4
 # checkpointed): a kill at a known point rather than a race with a timer.
 KILLER = """
 import json, os, signal, sys
-from training import engine
+from training import run
 from training.config import resolve_config
 
 kill_after = int(sys.argv[2])
-original = engine.Trainer._after_step
+original = run.Trainer._after_step
 
-def after_step(self, epoch_end):
-    original(self, epoch_end)
+def after_step(self):
+    original(self)
     if self.step == kill_after:
         os.kill(os.getpid(), signal.SIGKILL)
 
-engine.Trainer._after_step = after_step
-engine.run_training(resolve_config(json.loads(sys.argv[1])))
+run.Trainer._after_step = after_step
+run.run_training(resolve_config(json.loads(sys.argv[1])))
 """
 
 
@@ -145,3 +145,16 @@ def test_resuming_a_finished_run_changes_nothing(runs):
     assert result.step == ITERS and trajectory(straight) == before
     after = load_checkpoint(straight / "last.pt")["model"]
     assert all(torch.equal(after[name], weights[name]) for name in weights)
+
+
+def test_resuming_with_another_epoch_length_says_it_is_not_exact(runs, tmp_path, capsys):
+    import shutil
+
+    run_dir = Path(shutil.copytree(runs[0], tmp_path / "copy"))
+    before = trajectory(run_dir)
+    # --limit 2: epochs of 2 steps instead of 6, so step 10 is no longer epoch 1, batch 4
+    config = resolve_config({"out": str(run_dir), "limit": "2"}, resume=True)
+    result = run_training(config, resume=True)
+    assert (result.step, result.epoch) == (ITERS, ITERS // 2)
+    assert "an epoch now has 2 steps" in capsys.readouterr().err
+    assert trajectory(run_dir) == before

@@ -11,7 +11,7 @@ from cache.format import UserError
 from tests.cachefab import blocky_cache
 from training.checkpoint import load_checkpoint, load_for_eval
 from training.config import resolve_config
-from training.engine import run_training
+from training.run import run_training
 from training.plots import PLOT_NAMES, read_metrics
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -94,12 +94,13 @@ def test_refuses_to_overwrite_a_run_without_resume(learned):
 
 def test_limit_caps_steps_per_epoch_and_validation_frames(tmp_path):
     cache = blocky_cache(tmp_path / "c", n_train=8, n_val=3, height=128, width=256)
-    config = tiny_config(cache, tmp_path / "run", epochs=2, limit=1, batch_size=2, plots=False)
+    config = tiny_config(cache, tmp_path / "run", epochs=2, limit=1, batch_size=2, plots=False,
+                         val_batch_size=2)
     result = run_training(config)
     assert result.step == 2 and result.epoch == 2
     evals = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["event"] == "eval"]
     assert [r["step"] for r in evals] == [1, 2]           # one evaluation per epoch
-    assert all(r["pixels"] == 128 * 256 for r in evals)   # one validation frame
+    assert all(r["pixels"] == 128 * 256 for r in evals)   # one frame, not the batch of two
     assert not any((tmp_path / "run" / name).exists() for name in PLOT_NAMES)
 
 
@@ -190,3 +191,21 @@ def test_resume_without_a_checkpoint_starts_over_and_drops_stale_lines(cache, tm
     assert result.step == 1
     assert [(r["event"], r["step"]) for r in read_metrics(run / "metrics.jsonl")] == \
         [("train", 1), ("eval", 1)]
+
+
+def test_benchmark_compares_loader_kinds_with_the_replay_ceiling(cache):
+    from training.bench import benchmark_training
+
+    config = tiny_config(cache, "unused", batch_size=2)
+    report = benchmark_training(config, ("replay", "torch"), iters=2, warmup=1, rounds=2)
+    replay, torch_kind = report["results"]["replay"], report["results"]["torch"]
+    assert replay["loader_cost"] == 0.0 and replay["loader_only_images_per_s"] is None
+    assert len(torch_kind["samples"]) == 2 and torch_kind["images_per_s"] > 0
+    assert torch_kind["loader_cost"] == pytest.approx(
+        1 - torch_kind["images_per_s"] / replay["images_per_s"])
+    assert torch_kind["loader_only_images_per_s"] > 0
+    assert (report["device"], report["res"], report["batch_size"]) == ("cpu", [128, 128], 2)
+    with pytest.raises(UserError, match="--loaders 'replay,png': choose from replay, torch, dali"):
+        benchmark_training(config, ("replay", "png"))
+    with pytest.raises(UserError, match="--iters: must be at least 1, got 0"):
+        benchmark_training(config, ("replay",), iters=0)

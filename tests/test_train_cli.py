@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 def captured(monkeypatch):
     """Replace run_training by a recorder: these tests are about what reaches it."""
     calls = []
-    monkeypatch.setattr("training.engine.run_training",
+    monkeypatch.setattr("training.run.run_training",
                         lambda config, resume=False: calls.append((config, resume)) or "ran")
     return calls
 
@@ -62,6 +62,17 @@ def test_json_config_and_resume_reads_the_saved_config(tmp_path, captured):
     assert invoke("train", "--out", run, "--resume", "--config", extra).exit_code == 0
     config, resume = captured[0]
     assert resume and (config.cache, config.arch, config.iters) == ("/c", "fpn", 9)
+
+
+def test_resume_of_a_run_dir_that_is_not_there(tmp_path, captured):
+    missing = tmp_path / "typo"
+    result = invoke("train", "--out", missing, "--resume")
+    assert result.exit_code == 1 and not captured
+    assert result.stderr == (f"error: --resume: no run to resume in --out {missing} (no "
+                             "config.yaml or config.json); check --out, or give --cache to start it\n")
+    # with the options to start it, --resume starts the run (a job script may always pass it)
+    assert invoke("train", "--out", missing, "--resume", "--cache", "c").exit_code == 0
+    assert captured[0][1] is True and captured[0][0].cache == "c"
 
 
 @pytest.mark.parametrize("args, message", [

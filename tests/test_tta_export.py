@@ -20,7 +20,8 @@ from training.export import (
     trainid_to_labelid,
     visualize,
 )
-from training.tta import input_divisor, predict_logits
+from training.model import input_divisor
+from training.tta import predict_logits
 
 
 def tiny_unet():

@@ -27,6 +27,7 @@ CHECKPOINT_FORMAT = "cityscapes-seg-checkpoint"
 CHECKPOINT_VERSION = 1
 # The fields that decide whether saved weights fit a model.
 MODEL_IDENTITY = ("arch", "encoder", "num_classes", "model_kwargs")
+ZIP_MAGIC = b"PK\x03\x04"
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict) -> Path:
@@ -47,6 +48,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such checkpoint")
+    with open(path, "rb") as handle:
+        if handle.read(4) != ZIP_MAGIC:    # torch.save writes a zip archive
+            raise UserError(f"{path}: not a checkpoint written by `train` (not a torch.save file)")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -80,11 +84,18 @@ def check_compatible(meta: dict, expected: dict, path: str | os.PathLike) -> Non
 
 
 def load_model_state(model: nn.Module, state: dict, path: str | os.PathLike) -> None:
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[0][:200]
-        raise UserError(f"{path}: the weights do not fit the model ({first})") from None
+    """Load `state` into `model`, or say in one line how they differ."""
+    own = model.state_dict()
+    missing = [key for key in own if key not in state]
+    unexpected = [key for key in state if key not in own]
+    reshaped = [key for key in own if key in state and own[key].shape != state[key].shape]
+    if missing or unexpected or reshaped:
+        differences = [f"{len(keys)} {what} (first: {keys[0]!r})" for what, keys in (
+            ("missing", missing), ("unexpected", unexpected), ("of another shape", reshaped))
+            if keys]
+        raise UserError(f"{path}: the weights do not fit a {type(model).__name__} model: "
+                        f"tensors {', '.join(differences)}")
+    model.load_state_dict(state, strict=True)
 
 
 def load_for_eval(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
@@ -93,8 +104,11 @@ def load_for_eval(path: str | os.PathLike, device: str | torch.device = "cpu") -
 
     data = load_checkpoint(path)
     meta = dict(data["meta"])
-    model = build_model(meta["arch"], meta["encoder"], meta["num_classes"], None,
-                        **meta.get("model_kwargs", {}))
+    try:
+        model = build_model(meta["arch"], meta["encoder"], meta["num_classes"], None,
+                            **meta.get("model_kwargs", {}))
+    except UserError as exc:     # its message names train's options, which evaluate has not
+        raise UserError(f"{path}: cannot rebuild the checkpoint's model here ({exc})") from None
     load_model_state(model, data["model"], path)
     meta.setdefault("progress", data.get("progress", {}))
     return model.to(device).eval(), meta

@@ -13,16 +13,16 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
 from cache.format import UserError
+from loaders.contract import LOADER_KINDS
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("poly", "cosine")
 AMP_MODES = ("bf16", "fp16")
-LOADERS = ("dali", "torch")
 CONFIG_NAMES = ("config.yaml", "config.json")
 
 # Per-optimiser defaults for --lr and --weight-decay (torchvision's segmentation reference for
@@ -215,7 +215,7 @@ def _model_kwargs(value, name):
 
 
 PARSERS: dict[str, Callable] = {
-    "cache": _optional(_str), "out": _str, "loader": _choice(LOADERS),
+    "cache": _optional(_str), "out": _str, "loader": _choice(LOADER_KINDS),
     "train_split": _str, "val_split": _str, "arch": _str, "encoder": _str,
     "encoder_weights": _encoder_weights, "model_kwargs": _model_kwargs,
     "epochs": _optional(_int(1)), "iters": _optional(_int(1)), "batch_size": _int(1),
@@ -294,6 +294,9 @@ def resolve_config(flags: dict, config_file: str | None = None, *, resume: bool 
         saved = saved_config_path(out)
         if saved is not None:
             values.update(parse_values(read_config_file(saved), str(saved)))
+        elif "cache" not in flags and "cache" not in file_values:
+            raise UserError(f"--resume: no run to resume in --out {out} (no "
+                            f"{' or '.join(CONFIG_NAMES)}); check --out, or give --cache to start it")
     values.update(file_values)
     given = parse_values(flags, "command line")
     if "model_kwargs" in given:    # --model-arg sets single keys of the file's model_kwargs
@@ -349,7 +352,3 @@ def save_config(config: TrainConfig, run_dir: str | os.PathLike) -> Path:
     os.replace(tmp, path)
     return path
 
-
-def with_overrides(config: TrainConfig, **changes) -> TrainConfig:
-    """A copy with some options changed, parsed and checked like any other source."""
-    return validate(replace(config, **parse_values(changes, "override")))

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
@@ -19,6 +21,7 @@ from cache.format import UserError
 # "city/city_seq_frame": the city may not contain "_" (cityscapesscripts splits names on it).
 _FRAME_NAME = re.compile(r"^(?P<city>[^/_]+)/(?P=city)_(?P<seq>\d+)_(?P<frame>\d+)$")
 PNG_COMPRESS_LEVEL = 1   # flat label maps compress well at level 1 too, at a fraction of the time
+MAX_PENDING_WRITES = 8   # batches of PNGs in flight; bounds host memory if the GPU is faster
 
 
 def _label_luts():
@@ -121,3 +124,48 @@ def visualize(image_uint8, pred, out_dir: str | os.PathLike, frame_name: str, *,
     Image.fromarray(colour).save(paths[0], compress_level=PNG_COMPRESS_LEVEL)
     Image.fromarray(overlay).save(paths[1], compress_level=PNG_COMPRESS_LEVEL)
     return paths
+
+
+class PngWriter:
+    """Writes the export and visualisation PNGs of prediction batches in background threads
+    (PIL's zlib releases the GIL), so that writing overlaps inference. Does nothing when
+    neither directory is given. Overlays are drawn on the stored frame, read from the cache."""
+
+    def __init__(self, cache_path: str, split: str, frame_names: Sequence[str],
+                 export_dir: Path | None, visualize_dir: Path | None):
+        self.split, self.frame_names = split, frame_names
+        self.export_dir, self.visualize_dir = export_dir, visualize_dir
+        self.pool = ThreadPoolExecutor(max_workers=2) if (export_dir or visualize_dir) else None
+        self.pending: deque[Future] = deque()
+        self.reader = None
+        if visualize_dir is not None:
+            from cache.reader import CacheReader
+
+            self.reader = CacheReader(cache_path)      # its own handles, apart from the loader's
+
+    def submit(self, preds, rows: list[int]) -> None:
+        """Queue the (B, H, W) trainId predictions of cache rows `rows`."""
+        if self.pool is None:
+            return
+        preds = _as_numpy(preds).astype(np.uint8)
+        while len(self.pending) >= MAX_PENDING_WRITES:
+            self.pending.popleft().result()          # re-raises a writer's error here
+        self.pending.append(self.pool.submit(self._write, preds, rows))
+
+    def _write(self, preds: np.ndarray, rows: list[int]) -> None:
+        names = [self.frame_names[row] for row in rows]
+        if self.export_dir is not None:
+            export_predictions(preds, names, self.export_dir)
+        if self.visualize_dir is not None:
+            for pred, row, name in zip(preds, rows, names):
+                image, _ = self.reader.read_frame(self.split, row)   # stored pixels, full size
+                visualize(image, pred, self.visualize_dir, name)
+
+    def finish(self) -> None:
+        """Wait for every write; a writer's error is raised here."""
+        while self.pending:
+            self.pending.popleft().result()
+
+    def shutdown(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)

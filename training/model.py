@@ -93,6 +93,28 @@ def build_model(arch: str, encoder: str, num_classes: int, encoder_weights: str 
         raise
 
 
+def input_divisor(model: nn.Module) -> int:
+    """The multiple that input height and width must have (1 when the model does not say)."""
+    while isinstance(getattr(model, "module", None) or getattr(model, "_orig_mod", None), nn.Module):
+        model = getattr(model, "module", None) or model._orig_mod     # DDP, torch.compile wrappers
+    encoder = getattr(model, "encoder", None)
+    stride = getattr(encoder, "output_stride", None)
+    return int(stride) if isinstance(stride, int) and stride > 0 else 1
+
+
+def check_input_size(model: nn.Module, input_hw: tuple[int, int]) -> None:
+    """Refuse a training crop the model cannot take: most smp models raise a RuntimeError
+    mid-forward unless height and width are multiples of the encoder's output stride."""
+    if not getattr(model, "requires_divisible_input_shape", True):
+        return                        # e.g. Unet, which resizes its skip connections
+    divisor = input_divisor(model)
+    h, w = input_hw
+    if h % divisor or w % divisor:
+        fit = f"{-(-h // divisor) * divisor}x{-(-w // divisor) * divisor}"
+        raise UserError(f"--res {h}x{w}: {type(model).__name__} needs a height and width "
+                        f"divisible by {divisor}; try --res {fit}")
+
+
 def convert_sync_batchnorm(model: nn.Module) -> nn.Module:
     from torch.nn import SyncBatchNorm
 

@@ -19,15 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from loaders.contract import MEAN, STD
-
-
-def input_divisor(model: torch.nn.Module) -> int:
-    """The multiple that input height and width must have (1 when the model does not say)."""
-    while isinstance(getattr(model, "module", None) or getattr(model, "_orig_mod", None), torch.nn.Module):
-        model = getattr(model, "module", None) or model._orig_mod     # DDP, torch.compile wrappers
-    encoder = getattr(model, "encoder", None)
-    stride = getattr(encoder, "output_stride", None)
-    return int(stride) if isinstance(stride, int) and stride > 0 else 1
+from training.model import input_divisor
 
 
 def _pad_to_multiple(image: torch.Tensor, divisor: int) -> torch.Tensor:

@@ -1,0 +1,385 @@
+"""A training run: `run_training(config)` trains, validates, checkpoints, logs and plots.
+
+Counting. A *step* is one optimiser step over `grad_accum` micro-batches of `batch_size`
+frames on every rank. An epoch is one pass over the train loader (per rank `len(loader)`
+micro-batches; the last `len % grad_accum` are left out), or `--limit` steps. `--iters`
+counts steps; `--epochs` is turned into steps. Evaluation runs every `--eval-every` steps, or
+at the end of every epoch without it, and always after the last step.
+
+Exact resume. The loaders' sample order and augmentation are pure functions of (seed, epoch),
+so the step count alone says where in the data a run is: epoch = step // steps_per_epoch, and
+(step % steps_per_epoch) * grad_accum batches of that epoch consumed. last.pt is written
+after every evaluation, at every epoch end, every `--checkpoint-every` steps and at the end,
+always between optimiser steps; it holds that position together with the model, optimiser,
+scheduler, grad scaler, every rank's RNG states and the partial log window. `--resume` loads
+it, calls `set_epoch(epoch)` and skips the batches already consumed in that epoch; skipping
+reads those batches (the loader contract has no seek), so checkpoints at epoch ends resume
+with no skip at all. The global RNG stream is the model's alone: loaders are iterated inside
+torch.random.fork_rng, so DataLoader's seed draw per iterator cannot shift it between a
+resumed and an uninterrupted run. metrics.jsonl is cut back to the checkpoint's step, so
+that a resumed run's log equals an uninterrupted one's.
+
+Distributed. Under torchrun (WORLD_SIZE > 1) each rank trains on its shard
+(rank/world_size go to build_loader), gradients are averaged by DDP, BatchNorm buffers are
+broadcast from rank 0 before every evaluation (so all ranks hold identical weights), the
+confusion matrix is summed over ranks, and only rank 0 writes files and shows progress.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from cache.format import UserError
+from training.builders import build_parts, build_split_loader, model_meta
+from training.config import TrainConfig, save_config
+from training.device import (DistEnv, broadcast_buffers, init_distributed, seed_everything,
+                             unwrap)
+from training.engine import evaluate, rng_isolated, train_one_epoch
+
+LAST, BEST, METRICS = "last.pt", "best.pt", "metrics.jsonl"
+# The scores an "eval" line of metrics.jsonl keeps (the confusion matrix goes to `evaluate`'s JSON).
+EVAL_LOG_KEYS = ("miou", "pixel_accuracy", "class_iou", "category_iou", "category_miou", "pixels")
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    epoch: int
+    best_miou: float | None
+    last_eval: dict | None
+    model: nn.Module = field(repr=False)
+
+
+def run_training(config: TrainConfig, *, resume: bool = False) -> TrainResult:
+    """Train per `config` (one process, or one rank of a torchrun job); see the module docstring."""
+    env = init_distributed(config.device)
+    try:
+        return Trainer(config, env, resume=resume).run()
+    finally:
+        if env.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class TrainProgress:
+    """Rich progress bar with loss, lr and images/s (rank 0 only; silent elsewhere)."""
+
+    def __init__(self, console, total: int, completed: int):
+        self.progress = None
+        if console is None:
+            return
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                   TimeElapsedColumn, TimeRemainingColumn)
+
+        self.progress = Progress(
+            TextColumn("[bold]train[/] ep {task.fields[epoch]}"), BarColumn(),
+            MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+            TextColumn("lr {task.fields[lr]}"), TextColumn("{task.fields[ips]} img/s"),
+            TimeElapsedColumn(), TimeRemainingColumn(), console=console)
+        self.task = self.progress.add_task("train", total=total, completed=completed, epoch=0,
+                                           loss="-", lr="-", ips="-")
+        self.progress.start()
+
+    def update(self, step: int, **fields) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step, **fields)
+
+    def stop(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+class LogWindow:
+    """The loss summed since the last train line, and the time and steps behind images/s
+    (the timer restarts after evaluations and checkpoints: images/s counts training only)."""
+
+    def __init__(self, device: torch.device, loss_sum: float = 0.0, steps: int = 0):
+        self.device = device
+        self._open(loss_sum, steps)
+
+    def _open(self, loss_sum: float, steps: int) -> None:
+        self.loss_sum = torch.full((), float(loss_sum), device=self.device)
+        self.steps = steps
+        self.restart_timer()
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.loss_sum += loss          # stays on the device: no sync per step
+        self.steps += 1
+        self.timed_steps += 1
+
+    def restart_timer(self) -> None:
+        self.start, self.timed_steps = time.perf_counter(), 0
+
+    def close(self, env: DistEnv) -> tuple[float, int, float]:
+        """(mean loss over all ranks, timed steps, seconds); the window starts anew."""
+        loss = self.loss_sum.detach().clone()
+        if env.distributed:
+            dist.all_reduce(loss)
+            loss /= env.world_size
+        closed = (loss.item() / max(1, self.steps), self.timed_steps,
+                  time.perf_counter() - self.start)
+        self._open(0.0, 0)
+        return closed
+
+    def state(self) -> dict:
+        return {"loss_sum": float(self.loss_sum), "steps": self.steps}
+
+
+def gather_rng_states(env: DistEnv) -> list[dict]:
+    """Every rank's RNG states (all ranks must call it: it is a collective under torchrun)."""
+    from training.checkpoint import capture_rng
+
+    states = [None] * env.world_size
+    if env.distributed:
+        dist.all_gather_object(states, capture_rng())
+    else:
+        states[0] = capture_rng()
+    return states
+
+
+class Trainer:
+    """One training run: the parts, the position in the data, and the run dir's files."""
+
+    def __init__(self, config: TrainConfig, env: DistEnv, *, resume: bool = False):
+        from cache.reader import CacheReader
+        from rich.console import Console
+
+        self.config, self.env, self.run_dir = config, env, Path(config.out)
+        self.console = Console(stderr=True) if env.is_main else None
+        seed_everything(config.seed, config.deterministic)
+        self.reader = CacheReader(config.cache)
+        val = self.reader.split(config.val_split)
+        if not val.has_masks:
+            raise UserError(f"--val-split {config.val_split}: this split has no masks; "
+                            "validation needs a labelled split such as val")
+        self.val_hw = (val.height, val.width)
+        self.meta = model_meta(config, self.reader)
+        checkpoint = self._open_checkpoint(resume)     # before anything big is built
+        self.train_loader = build_split_loader(config, env, train=True)
+        self.val_loader = build_split_loader(config, env, train=False)
+        self.steps_per_epoch = self._steps_per_epoch()
+        self.total_steps = config.iters or config.resolved_epochs * self.steps_per_epoch
+        self.parts = build_parts(config, self.meta, self.reader, env, self.total_steps)
+        self.step, self.best_miou, self.last_eval = 0, None, None
+        self.saved_step = self.evaluated_step = -1
+        self.window = LogWindow(env.device)
+        if checkpoint is not None:
+            self._restore(*checkpoint)
+        if env.is_main:
+            self._prepare_run_dir(resumed=checkpoint is not None)
+
+    # -- the position in the data: derived from the step count --------------------------------
+    @property
+    def epoch(self) -> int:
+        return self.step // self.steps_per_epoch
+
+    @property
+    def batch_in_epoch(self) -> int:
+        """Micro-batches of the current epoch already consumed."""
+        return self.step % self.steps_per_epoch * self.config.grad_accum
+
+    def _steps_per_epoch(self) -> int:
+        steps = len(self.train_loader) // self.config.grad_accum
+        if self.config.limit is not None:
+            steps = min(steps, self.config.limit)
+        if steps < 1:
+            raise UserError(f"--grad-accum {self.config.grad_accum}: more than the "
+                            f"{len(self.train_loader)} batches of an epoch")
+        return steps
+
+    def _note(self, text: str) -> None:
+        if self.console is not None:      # above the progress bar while it runs
+            self.console.print(text, soft_wrap=True)
+
+    # -- the run dir and checkpoints --------------------------------------------------------
+    def _open_checkpoint(self, resume: bool) -> tuple[Path, dict] | None:
+        """(path, contents) of the checkpoint to resume from, if any. Refuses to overwrite a
+        run by accident, and a checkpoint of another model."""
+        from training.checkpoint import check_compatible, load_checkpoint
+
+        last = self.run_dir / LAST
+        if not resume:
+            if last.is_file():
+                raise UserError(f"--out {self.run_dir}: holds a run already ({LAST}); pass "
+                                "--resume to continue it, or choose another --out")
+            return None
+        if not last.is_file():
+            self._note(f"--resume: no {LAST} in {self.run_dir}; starting from step 0")
+            return None
+        data = load_checkpoint(last)
+        check_compatible(data["meta"], self.meta, last)
+        return last, data
+
+    def _prepare_run_dir(self, resumed: bool) -> None:
+        from training.plots import truncate_metrics
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(self.config, self.run_dir)
+        if not resumed:     # a run killed before its first checkpoint may have left lines
+            truncate_metrics(self.run_dir / METRICS, 0)
+
+    def _restore(self, path: Path, data: dict) -> None:
+        from training.checkpoint import load_model_state, restore_rng
+        from training.plots import truncate_metrics
+
+        parts = self.parts
+        load_model_state(unwrap(parts.model), data["model"], path)
+        parts.optimizer.load_state_dict(data["optimizer"])
+        parts.scheduler.load_state_dict(data["scheduler"])
+        parts.scaler.load_state_dict(data["scaler"])
+        saved = data["progress"]
+        self.step, self.best_miou = saved["step"], saved["best_miou"]
+        self.saved_step, self.evaluated_step = self.step, saved["evaluated_step"]
+        self.window = LogWindow(self.env.device, **data["log_window"])
+        states = data["rng"]
+        restore_rng(states[self.env.rank] if len(states) == self.env.world_size else states[0])
+        self._note_inexact_resume(saved, len(states))
+        if self.env.is_main:
+            truncate_metrics(self.run_dir / METRICS, self.step)
+        self._note(f"resumed {path} at step {self.step} (epoch {self.epoch}, "
+                   f"batch {self.batch_in_epoch})")
+
+    def _note_inexact_resume(self, saved: dict, ranks: int) -> None:
+        if ranks != self.env.world_size:
+            self._note(f"resume: checkpoint from {ranks} rank(s), now {self.env.world_size}; "
+                       "the data shards differ, so this is not an exact continuation")
+        elif (saved["epoch"], saved["batch_in_epoch"]) != (self.epoch, self.batch_in_epoch):
+            self._note(f"resume: an epoch now has {self.steps_per_epoch} steps (batch size, "
+                       "--grad-accum or --limit changed?); continuing from epoch "
+                       f"{self.epoch}, which is not an exact continuation")
+
+    def _save_last(self) -> None:
+        """last.pt with everything an exact resume needs (all ranks take part: RNG gather)."""
+        from training.checkpoint import save_checkpoint
+
+        rng = gather_rng_states(self.env)
+        self.saved_step = self.step
+        if not self.env.is_main:
+            return
+        parts = self.parts
+        save_checkpoint(self.run_dir / LAST, {
+            "meta": self.meta, "model": unwrap(parts.model).state_dict(),
+            "optimizer": parts.optimizer.state_dict(), "scheduler": parts.scheduler.state_dict(),
+            "scaler": parts.scaler.state_dict(), "progress": self._progress(), "rng": rng,
+            "config": self.config.to_dict(), "world_size": self.env.world_size,
+            "log_window": self.window.state(),
+        })
+
+    def _save_best(self, scores: dict) -> None:
+        from training.checkpoint import save_checkpoint
+
+        save_checkpoint(self.run_dir / BEST, {
+            "meta": self.meta, "model": unwrap(self.parts.model).state_dict(),
+            "progress": self._progress(), "scores": {"miou": scores["miou"],
+                                                     "pixel_accuracy": scores["pixel_accuracy"]},
+            "config": self.config.to_dict(),
+        })
+
+    def _progress(self) -> dict:
+        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "step": self.step,
+                "best_miou": self.best_miou, "total_steps": self.total_steps,
+                "evaluated_step": self.evaluated_step}
+
+    # -- the loop ---------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        self.progress = TrainProgress(self.console, self.total_steps, self.step)
+        try:
+            while self.step < self.total_steps:
+                self._train_epoch()
+            if self.evaluated_step != self.step:
+                self._evaluate_and_save()
+            elif self.saved_step != self.step:
+                self._save_last()
+        finally:
+            self.progress.stop()
+        if self.env.is_main and self.config.plots:
+            self._write_plots()
+        return TrainResult(self.run_dir, self.step, self.epoch, self.best_miou, self.last_eval,
+                           unwrap(self.parts.model))
+
+    def _train_epoch(self) -> None:
+        """Steps from the current position to the end of the epoch (or of training)."""
+        self.train_loader.set_epoch(self.epoch)
+        batches = rng_isolated(self.train_loader)
+        for _ in range(self.batch_in_epoch):          # resume mid-epoch: replay the position
+            next(batches)
+        left_in_epoch = self.steps_per_epoch - self.step % self.steps_per_epoch
+        steps = min(left_in_epoch, self.total_steps - self.step)
+        for loss in train_one_epoch(self.parts, batches, steps, self.config.grad_accum):
+            self.step += 1
+            self.window.add(loss)
+            self.progress.update(self.step)
+            self._after_step()
+        batches.close()
+
+    def _after_step(self) -> None:
+        """The step's cadences: a log line, then an evaluation or a checkpoint."""
+        config, step = self.config, self.step
+        epoch_end = step % self.steps_per_epoch == 0
+        if step % config.log_every == 0 or step == self.total_steps:
+            self._log_train()
+        every = config.eval_every
+        if (every and step % every == 0) or (every is None and epoch_end):
+            self._evaluate_and_save()
+            self.window.restart_timer()
+        elif epoch_end or (config.checkpoint_every and step % config.checkpoint_every == 0):
+            self._save_last()
+            self.window.restart_timer()
+
+    def _log_train(self) -> None:
+        """One metrics.jsonl line with the mean loss since the last line (over all ranks)."""
+        loss, timed_steps, seconds = self.window.close(self.env)
+        config = self.config
+        images = timed_steps * config.batch_size * config.grad_accum * self.env.world_size
+        record = {"event": "train", "step": self.step, "epoch": self.step / self.steps_per_epoch,
+                  "loss": loss, "lr": self.parts.optimizer.param_groups[0]["lr"],
+                  "images_per_s": images / seconds if seconds > 0 else None}
+        if self.env.is_main:
+            self._append(record)
+            self.progress.update(self.step, epoch=f"{record['epoch']:.2f}", loss=f"{loss:.4f}",
+                                 lr=f"{record['lr']:.2e}", ips=f"{record['images_per_s'] or 0:.1f}")
+
+    # -- evaluation -------------------------------------------------------------------------
+    def _evaluate_and_save(self) -> None:
+        broadcast_buffers(self.parts.model)     # every rank evaluates (and keeps) rank 0's BN stats
+        scores = self._validate()
+        self.evaluated_step, self.last_eval = self.step, scores
+        miou = scores["miou"]
+        improved = miou is not None and (self.best_miou is None or miou > self.best_miou)
+        if improved:
+            self.best_miou = miou
+            if self.env.is_main:
+                self._save_best(scores)
+        self._save_last()
+        if self.env.is_main:
+            self._append({"event": "eval", "step": self.step,
+                          "epoch": self.step / self.steps_per_epoch, "best": improved, **scores})
+            shown = "n/a" if miou is None else f"{100 * miou:.2f}"
+            self._note(f"step {self.step}: val mIoU {shown}{' (best)' if improved else ''}")
+            if self.config.plots:
+                self._write_plots()
+
+    def _validate(self) -> dict:
+        """Scores of the val split (or its first --limit frames per rank), over all ranks."""
+        from training.metrics import ConfusionMatrix
+
+        matrix = ConfusionMatrix(self.reader.num_classes, self.reader.ignore_index)
+        evaluate(self.parts.model, rng_isolated(self.val_loader), matrix, self.val_hw,
+                 limit=self.config.limit, autocast=self.parts.autocast)
+        scores = matrix.compute(self.reader.class_names)
+        return {key: scores[key] for key in EVAL_LOG_KEYS}
+
+    def _append(self, record: dict) -> None:
+        from training.plots import append_metrics
+
+        append_metrics(self.run_dir / METRICS, {**record, "time": time.time()})
+
+    def _write_plots(self) -> None:
+        from training.plots import read_metrics, write_plots
+
+        write_plots(read_metrics(self.run_dir / METRICS), self.run_dir)
