@@ -132,10 +132,15 @@ class CacheReader:
 
         Only the tiles the window covers are read and decoded.
         """
-        image = self._window_reader(split, IMAGES)(row, y, x, h, w)
         info = self.split(split, require_complete=False)
-        mask = self._window_reader(split, MASKS)(row, y, x, h, w) if info.has_masks else None
-        return image, mask
+        mask = self.read_mask_window(split, row, y, x, h, w) if info.has_masks else None
+        return self.read_image_window(split, row, y, x, h, w), mask
+
+    def read_image_window(self, split: str, row: int, y: int, x: int, h: int, w: int):
+        return self._window_reader(split, IMAGES)(row, y, x, h, w)
+
+    def read_mask_window(self, split: str, row: int, y: int, x: int, h: int, w: int):
+        return self._window_reader(split, MASKS)(row, y, x, h, w)
 
     def read_frame(self, split: str, row: int):
         info = self.split(split, require_complete=False)

@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Iterator, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Iterator, NamedTuple, Protocol
 
 import torch
 
 from cache.format import UserError
+
+if TYPE_CHECKING:
+    from cache.reader import SplitInfo
 
 # ImageNet statistics on the 0..255 scale: images are normalised as (x - MEAN) / STD.
 MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
@@ -16,6 +19,7 @@ IMAGE_PAD = 0      # images are padded with 0 before normalisation
 MASK_PAD = 255     # masks are padded with the ignore index
 
 LOADER_KINDS = ("dali", "torch")
+MAX_CROP_TO_FRAME = 4  # a crop may overhang the frame (it is padded), but not absurdly
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,25 @@ class Batch(NamedTuple):
     rows: torch.Tensor
 
 
+def check_request(cache_path: str, info: "SplitInfo", *, train: bool, batch_size: int,
+                  aug: AugmentConfig, rank: int, world_size: int) -> None:
+    """Refuse loader arguments that cannot work, naming the option at fault (both kinds)."""
+    if batch_size < 1:
+        raise UserError(f"batch size must be at least 1, got {batch_size}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise UserError(f"rank {rank} is not in a world of size {world_size} "
+                        "(need 0 <= rank < world_size)")
+    if train and not info.has_masks:
+        raise UserError(f"{cache_path}: split {info.name!r} has no masks; it cannot be trained on")
+    crop_h, crop_w = aug.crop
+    if crop_h > MAX_CROP_TO_FRAME * info.height or crop_w > MAX_CROP_TO_FRAME * info.width:
+        raise UserError(f"crop {crop_h}x{crop_w} is more than {MAX_CROP_TO_FRAME}x the frames of "
+                        f"split {info.name!r} ({info.height}x{info.width}); choose a smaller crop")
+    if train and len(info) // world_size < batch_size:
+        raise UserError(f"split {info.name!r} has {len(info)} frames: too few for one training "
+                        f"batch of {batch_size} on each of {world_size} rank(s)")
+
+
 class Loader(Protocol):
     def __len__(self) -> int: ...
     def __iter__(self) -> Iterator[Batch]: ...
@@ -97,8 +120,6 @@ def build_loader(cache: str | os.PathLike, split: str, kind: str = "dali", *, tr
     """The one factory for loaders. kind="dali" runs augmentation in DALI (GPU operators when
     `device` is CUDA, DALI's CPU-only mode otherwise); kind="torch" uses DataLoader workers."""
     aug = aug or AugmentConfig()
-    if batch_size < 1:
-        raise UserError(f"batch size must be at least 1, got {batch_size}")
     if kind == "torch":
         from loaders.torch_loader import TorchLoader as impl
     elif kind == "dali":

@@ -16,9 +16,8 @@ import torch
 
 from cache.format import UserError
 from cache.reader import CacheReader
-from loaders.contract import AugmentConfig, Batch
+from loaders.contract import AugmentConfig, Batch, check_request
 from loaders.order import batch_count, shard_indices
-from loaders.torch_loader import check_request
 
 DALI_MISSING = "DALI is not installed (nvidia-dali-cuda130, Linux x86-64 only); use --loader torch"
 # cudaMemGetInfo is sampled over the first batches after a build only: the pools have

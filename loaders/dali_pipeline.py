@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from cache.format import MASKS
 from cache.reader import CacheReader
 from loaders.contract import IMAGE_PAD, MASK_PAD, MEAN, STD, AugmentConfig
 from loaders.order import batch_count, shard_indices
@@ -72,8 +71,8 @@ class WindowSource:
             return eval_sample(row, self.frame_hw, self.aug)
         read_mask = None
         if self.aug.cat_max_ratio and self.has_masks:
-            masks = self.cache.array(self.split, MASKS)
-            read_mask = lambda y, x, h, w: np.asarray(masks[row, y:y + h, x:x + w])  # noqa: E731
+            def read_mask(y: int, x: int, h: int, w: int) -> np.ndarray:
+                return self.cache.read_mask_window(self.split, row, y, x, h, w)
         return draw_train_sample(self.seed, epoch, row, self.frame_hw, self.aug,
                                  ignore_index=self.cache.ignore_index, read_mask=read_mask)
 

@@ -25,14 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
-from cache.format import IMAGES, MASKS, UserError
+from cache.format import UserError
 from cache.reader import CacheReader, SplitInfo
 from loaders.colour import colour_twist_, normalise_
-from loaders.contract import IMAGE_PAD, MASK_PAD, AugmentConfig, Batch
+from loaders.contract import IMAGE_PAD, MASK_PAD, AugmentConfig, Batch, check_request
 from loaders.order import batch_count, shard_indices
 from loaders.sampling import SampleParams, draw_train_sample, eval_sample
 
-MAX_CROP_TO_FRAME = 4  # a crop may overhang the frame (it is padded), but not absurdly
 
 
 def default_num_workers() -> int:
@@ -42,25 +41,6 @@ def default_num_workers() -> int:
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
     return max(1, min(cores, 4))
-
-
-def check_request(cache_path: str, info: SplitInfo, *, train: bool, batch_size: int,
-                  aug: AugmentConfig, rank: int, world_size: int) -> None:
-    """Refuse loader arguments that cannot work, naming the option at fault."""
-    if batch_size < 1:
-        raise UserError(f"batch size must be at least 1, got {batch_size}")
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise UserError(f"rank {rank} is not in a world of size {world_size} "
-                        "(need 0 <= rank < world_size)")
-    if train and not info.has_masks:
-        raise UserError(f"{cache_path}: split {info.name!r} has no masks; it cannot be trained on")
-    crop_h, crop_w = aug.crop
-    if crop_h > MAX_CROP_TO_FRAME * info.height or crop_w > MAX_CROP_TO_FRAME * info.width:
-        raise UserError(f"crop {crop_h}x{crop_w} is more than {MAX_CROP_TO_FRAME}x the frames of "
-                        f"split {info.name!r} ({info.height}x{info.width}); choose a smaller crop")
-    if train and len(info) // world_size < batch_size:
-        raise UserError(f"split {info.name!r} has {len(info)} frames: too few for one training "
-                        f"batch of {batch_size} on each of {world_size} rank(s)")
 
 
 # -- geometry on uint8 pixels (runs in the workers) -----------------------------------------
@@ -167,10 +147,8 @@ class WindowDataset(Dataset):
             return eval_sample(row, frame_hw, self.aug)
         read_mask = None
         if self.aug.cat_max_ratio is not None:
-            masks = self.reader.array(self.info.name, MASKS)
-
             def read_mask(y: int, x: int, h: int, w: int) -> np.ndarray:
-                window = np.asarray(masks[row, y:y + h, x:x + w])
+                window = self.reader.read_mask_window(self.info.name, row, y, x, h, w)
                 self._drawn_masks[row] = ((y, x, h, w), window)  # the last one is the accepted one
                 return window
 
@@ -180,15 +158,15 @@ class WindowDataset(Dataset):
     def _fill(self, p: SampleParams, image_out: torch.Tensor, mask_out: torch.Tensor | None):
         """Read the window, resize, flip, and write it into the top-left of the padded outputs."""
         split = self.info.name
-        window = (p.row, slice(p.y, p.y + p.h), slice(p.x, p.x + p.w))
-        image = np.asarray(self.reader.array(split, IMAGES)[window])
+        window = (p.row, p.y, p.x, p.h, p.w)
+        image = self.reader.read_image_window(split, *window)
         resized = resize_image(image, p.out_h, p.out_w)
         image_out[:p.out_h, :p.out_w] = resized.flip(1) if p.flip else resized
         if mask_out is None:
             return
         drawn_window, mask = self._drawn_masks.get(p.row, (None, None))
         if drawn_window != (p.y, p.x, p.h, p.w):  # not read already by cat_max_ratio
-            mask = np.asarray(self.reader.array(split, MASKS)[window])
+            mask = self.reader.read_mask_window(split, *window)
         if self.train:
             mask = resize_mask(mask, p.out_h, p.out_w, p.flip)
         # Evaluation masks stay at the stored resolution: metrics are taken at full size.
