@@ -44,8 +44,11 @@ def _decoder(codecs: list[dict]):
 class TileArray:
     """One uint8 array of the cache (images or masks), read tile by tile from its files."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, *, cache_index: bool = True):
+        """cache_index=False re-reads a shard's index on every tile: for checks of files that
+        were just (re)written; readers of a finished cache keep it (one pread per tile)."""
         self.path = path
+        self._cache_index = cache_index
         with open(os.path.join(path, "zarr.json")) as f:
             meta = json.load(f)
         if meta.get("data_type") != "uint8" or meta["chunk_grid"]["name"] != "regular":
@@ -94,11 +97,13 @@ class TileArray:
         else:
             fy, fx = self._tiles_per_file[1], self._tiles_per_file[2]
             path = self._file((row, ty // fy, tx // fx) + extra)
-            index = _shard_index(path, os.stat(path).st_mtime_ns, self._index_bytes,
-                                 self._index_at_end, self._tiles_per_file) \
-                if os.path.exists(path) else None
-            if index is None:
+            try:
+                stat = os.stat(path)
+            except FileNotFoundError:
                 return None
+            layout = (self._index_bytes, self._index_at_end, prod(self._tiles_per_file))
+            index = _shard_index(path, (stat.st_ino, stat.st_size, stat.st_mtime_ns), *layout) \
+                if self._cache_index else _read_shard_index(path, *layout)
             offset, nbytes = index[(ty % fy) * fx + tx % fx]
             if offset == _EMPTY:
                 return None
@@ -131,15 +136,19 @@ class TileArray:
 
 
 @lru_cache(maxsize=4096)
-def _shard_index(path: str, mtime_ns: int, nbytes: int, at_end: bool,
-                 tiles_per_file: tuple[int, ...]) -> np.ndarray:
-    """(offset, nbytes) of every tile of a shard file in C order; cached per file version."""
-    del mtime_ns  # part of the cache key only: a rewritten shard gets a fresh index
+def _shard_index(path: str, version: tuple[int, int, int], nbytes: int, at_end: bool,
+                 tiles: int) -> np.ndarray:
+    """_read_shard_index, cached per file version (inode, size, mtime)."""
+    del version  # part of the cache key only
+    return _read_shard_index(path, nbytes, at_end, tiles)
+
+
+def _read_shard_index(path: str, nbytes: int, at_end: bool, tiles: int) -> np.ndarray:
+    """(offset, nbytes) of every tile of a shard file, in C order."""
     fd = os.open(path, os.O_RDONLY)
     try:
         start = os.fstat(fd).st_size - nbytes if at_end else 0
         raw = os.pread(fd, nbytes, start)
     finally:
         os.close(fd)
-    entries = np.frombuffer(raw[:prod(tiles_per_file) * 16], dtype="<u8")
-    return entries.reshape(-1, 2)
+    return np.frombuffer(raw[:tiles * 16], dtype="<u8").reshape(-1, 2)

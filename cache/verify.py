@@ -54,6 +54,7 @@ def verify_cache(path: str | os.PathLike, *, workers: int | None = None, progres
     """Check every split and row; raises CacheError only if `path` is not a cache at all."""
     reader = CacheReader(path)  # refuses a non-cache or an unknown version
     report = VerifyReport(reader.path)
+    _ROW_READERS.clear()  # the files may have changed since an earlier run in this process
     for key, value in ROOT_ATTRS.items():
         if reader.attrs.get(key) != value:
             report.faults.append(Fault(None, None, None, f"root attribute {key!r} is "
@@ -147,7 +148,26 @@ def _check_rows(tasks: list, workers: int | None, progress):
                 progress()
 
 
-_READERS: dict[str, CacheReader] = {}
+_ROW_READERS: dict[tuple[str, str, str], object] = {}  # opened once per process and verify run
+
+
+def _read_row(path: str, split: str, kind: str, row: int) -> np.ndarray:
+    """A whole row of images or masks, decoded by cache.tiles as the loaders read it (~2.5x
+    cheaper than zarr's read path), or by zarr where cache.tiles does not know the layout."""
+    key = (path, split, kind)
+    if key not in _ROW_READERS:
+        from cache.tiles import TileArray, Unsupported
+
+        try:
+            _ROW_READERS[key] = TileArray(os.path.join(path, split, kind), cache_index=False)
+        except Unsupported:
+            import zarr
+
+            _ROW_READERS[key] = zarr.open_group(store=path, mode="r")[split][kind]
+    array = _ROW_READERS[key]
+    if hasattr(array, "read"):
+        return array.read(row, 0, 0, *array.shape[1:3])
+    return np.asarray(array[row])
 
 
 def check_row(task) -> list[str]:
@@ -160,15 +180,14 @@ def check_row(task) -> list[str]:
         problems.append("not done (never written, or the build was interrupted)")
     if recorded is None:
         problems.append("its checksums cannot be read (corrupt chunk)")
-    reader = _READERS.setdefault(path, CacheReader(path))
     try:
-        image = np.asarray(reader.array(split, IMAGES)[row])
+        image = _read_row(path, split, IMAGES, row)
     except Exception as exc:
         return problems + [f"image tiles cannot be decoded ({type(exc).__name__}: {exc})"]
     mask = None
     if has_masks:
         try:
-            mask = np.asarray(reader.array(split, MASKS)[row])
+            mask = _read_row(path, split, MASKS, row)
         except Exception as exc:
             return problems + [f"mask tiles cannot be decoded ({type(exc).__name__}: {exc})"]
     crc_image, crc_mask = row_checksums(image, mask)

@@ -6,7 +6,7 @@ and marks a split complete; `RowWriter` (a worker process) writes one frame's ti
 them back.
 
 Crash safety. A row is trusted only through its done flag, and the flag is set only after the
-row's tiles were written, read back and their crc32 compared, and after its checksums were
+row's tiles were written, read back and compared with the frame, and after its checksums were
 stored. zarr 3.1's LocalStore writes every key through a temporary file and a rename, so a
 SIGKILL leaves either the old or the new file plus, at worst, a `*.partial` leftover (which
 `prepare_split` removes). We do not depend on that: the done and checksum arrays carry a
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 import warnings
 import zlib
 from dataclasses import dataclass, field
@@ -39,14 +40,21 @@ from cache.format import (
     UserError,
 )
 
-# Chosen by scripts/bench_tiles.py (evidence in the README's benchmark section): with 512 px
-# tiles zarr's per-tile overhead stays small, so random training windows (320..1280 px) and
-# whole frames read fastest despite the larger tiles; zstd-1 costs a few ms per window over no
-# codec and saves 13% (noisy photos) to 45% (synthetic frames) of the disk; lz4 saves nothing
-# on photos. Shards (one file per row) write faster but make window reads slower.
+# Chosen by scripts/bench_tiles.py and scripts/bench_build.py (evidence in the README's
+# benchmark section; 2048x1024 photo frames whose PNGs weigh what Cityscapes' do). Read through
+# cache/tiles.py, a training window (image + mask) costs ~0.6 ms of CPU with raw image tiles,
+# ~1.2 ms with lz4 and ~3.1 ms with zstd-1 (the loaders' budget is ~1.3 ms per sample), and raw
+# tiles also keep the build nearest the PNG-decode floor. The price is disk: raw images take
+# ~3.0x the PNGs, zstd-1 ~2.3x (photos barely compress without PNG's filters): `--codec zstd-1`
+# for a small disk. Masks compress ~140x with zstd-1 at no measurable cost. One shard per row
+# and array makes 2 files per frame instead of 2 * (H/T) * (W/T), which makes writes cheaper and
+# windows no dearer. 512 px tiles: windows as cheap as with 256 or 1024 px, whole frames cheaper
+# than with 256 px, and a window touches ~3.0 MB of stored tiles against 4.3 MB with 1024 px
+# (what a loader reads from disk when the cache does not fit in the page cache).
 DEFAULT_TILE = 512
-DEFAULT_CODEC = "zstd-1"
-DEFAULT_SHARD = False
+DEFAULT_CODEC = "none"
+DEFAULT_MASK_CODEC = "zstd-1"
+DEFAULT_SHARD = True
 # Split attribute (besides `frames` and `complete`): frames left out by `--on-error skip`,
 # name -> problem. A resumed build leaves them out again; `--force` retries them.
 SKIPPED_ATTR = "skipped"
@@ -69,7 +77,8 @@ CODEC_NAMES = ("none", "lz4", "zstd-1", "zstd-3")
 
 @dataclass(frozen=True)
 class Storage:
-    """How the pixels are stored: square tiles of `tile` pixels, compressed with `codec`.
+    """How the pixels are stored: square tiles of `tile` pixels; image tiles compressed with
+    `codec`, mask tiles with `mask_codec` (standard Zarr v3 codecs either way).
 
     shard=True puts all tiles of a row in one file per array (Zarr v3 sharding: the tiles
     stay separately readable through the shard's index), so a frame costs 2 files instead
@@ -79,22 +88,25 @@ class Storage:
     tile: int = DEFAULT_TILE
     codec: str = DEFAULT_CODEC
     shard: bool = DEFAULT_SHARD
+    mask_codec: str = DEFAULT_MASK_CODEC
 
     def __post_init__(self):
         if not 16 <= self.tile <= 4096:
             raise UserError(f"--tile must be between 16 and 4096 pixels, got {self.tile}")
-        if self.codec not in CODEC_NAMES:
-            raise UserError(f"unknown codec {self.codec!r}; choose one of: {', '.join(CODEC_NAMES)}")
+        for option, codec in (("--codec", self.codec), ("--mask-codec", self.mask_codec)):
+            if codec not in CODEC_NAMES:
+                raise UserError(f"{option}: unknown codec {codec!r}; choose one of: {', '.join(CODEC_NAMES)}")
 
-    def compressors(self) -> list:
-        return _codec_table()[self.codec]()
+    def codec_of(self, shape: tuple[int, ...]) -> str:
+        """The codec of an images (N, H, W, 3) or a masks (N, H, W) array."""
+        return self.codec if len(shape) == 4 else self.mask_codec
 
     def pixel_array_spec(self, shape: tuple[int, ...], fill_value: int) -> dict:
         """create_array arguments of an images (N, H, W, 3) or masks (N, H, W) array."""
         t = self.tile
         chunks = (1, t, t) + tuple(shape[3:])
         spec = dict(shape=shape, chunks=chunks, dtype="uint8", fill_value=fill_value,
-                    compressors=self.compressors())
+                    compressors=_codec_table()[self.codec_of(shape)]())
         if self.shard:  # one shard per row, a whole number of tiles
             spec["shards"] = (1, -(-shape[1] // t) * t, -(-shape[2] // t) * t) + tuple(shape[3:])
         return spec
@@ -179,6 +191,7 @@ class CacheWriter:
             self.root = zarr.open_group(store=str(self.path), mode="a", zarr_format=3)
             if dict(self.root.attrs) != ROOT_ATTRS:
                 self.root.attrs.update(ROOT_ATTRS)
+        self._bookkeeping: dict[str, tuple] = {}  # split -> (checksums, done), opened once
 
     # -- splits --------------------------------------------------------------
     def split_names(self) -> list[str]:
@@ -203,6 +216,7 @@ class CacheWriter:
 
         Returns the done flags (bool per row): the rows a resumed build can skip.
         """
+        self._bookkeeping.pop(plan.name, None)
         exists = plan.name in self.split_names()
         if exists and (force or DONE not in self._array_names(plan.name)):
             # --force, or a split whose setup was interrupted before its done array existed
@@ -254,9 +268,13 @@ class CacheWriter:
         if (images.shards is not None) != storage.shard:
             raise CacheError(f"{where}: the cache was written {'with' if images.shards else 'without'} "
                              f"shards, this build {'with' if storage.shard else 'without'}; {hint}")
-        if _storage_json(images.metadata) != _storage_json_of(storage, images.shape):
-            raise CacheError(f"{where}: the cache was written with another codec than "
-                             f"{storage.codec!r}; {hint}")
+        arrays = [(IMAGES, images, "--codec")]
+        if plan.has_masks:
+            arrays.append((MASKS, group[MASKS], "--mask-codec"))
+        for name, array, option in arrays:
+            if _storage_json(array.metadata) != _storage_json_of(storage, array.shape):
+                raise CacheError(f"{where}: the cache's {name} were written with another codec than "
+                                 f"{option} {storage.codec_of(array.shape)}; {hint}")
 
     # -- rows ----------------------------------------------------------------
     def done_flags(self, split: str) -> np.ndarray:
@@ -268,9 +286,12 @@ class CacheWriter:
 
     def record_row(self, split: str, row: int, checksums: tuple[int, int]) -> None:
         """Store a checked row's checksums, then its done flag (the flag is the commit)."""
-        group = self.root[split]
-        group[CHECKSUMS][row] = np.asarray(checksums, dtype=np.uint32)
-        group[DONE][row] = 1
+        if split not in self._bookkeeping:  # opening the arrays costs more than writing a row
+            group = self.root[split]
+            self._bookkeeping[split] = (group[CHECKSUMS], group[DONE])
+        checksum_array, done_array = self._bookkeeping[split]
+        checksum_array[row] = np.asarray(checksums, dtype=np.uint32)
+        done_array[row] = 1
 
     def drop_frames(self, split: str, bad: dict[str, str]) -> tuple[str, ...]:
         """Leave frames out of a split being built (`--on-error skip`); returns the new list.
@@ -280,6 +301,7 @@ class CacheWriter:
         flag is set holds frames[row]. The arrays are shrunk last; a resumed build finishes
         an interrupted shrink (`_finish_interrupted_drop`).
         """
+        self._bookkeeping.pop(split, None)
         group = self.root[split]
         frames = list(group.attrs["frames"])
         first = min(frames.index(name) for name in bad)
@@ -291,6 +313,7 @@ class CacheWriter:
         return tuple(kept)
 
     def _finish_interrupted_drop(self, split: str) -> None:
+        self._bookkeeping.pop(split, None)  # the arrays change shape
         group = self.root[split]
         n = len(group.attrs.get("frames", []))
         for name, array in group.arrays():
@@ -317,46 +340,113 @@ class CacheWriter:
 class RowWriter:
     """The worker side: writes one frame's tiles, reads them back and checks them.
 
-    Picklable; opens the arrays lazily, once per process.
+    Picklable. The build sends one with every task, so the opened arrays are kept per process
+    (keyed by a token made when the RowWriter is), not per instance: opening costs ms.
     """
 
     def __init__(self, path: str | os.PathLike, split: str):
         self.path = os.fspath(path)
         self.split = split
-        self._arrays = None
+        self._token = uuid.uuid4().hex  # a new RowWriter (new split, resized arrays): reopen
 
-    def __getstate__(self):
-        return {"path": self.path, "split": self.split, "_arrays": None}
-
-    def _open(self):
-        if self._arrays is None:
-            import zarr
-
-            group = zarr.open_group(store=self.path, mode="r+")[self.split]
-            names = [name for name, _ in group.arrays()]
-            # Every row is written whole, so zarr's test for tiles equal to the fill value
-            # (done by comparing every pixel) would cost a third of the write and save nothing.
-            config = {"write_empty_chunks": True}
-            self._arrays = (group[IMAGES].with_config(config),
-                            group[MASKS].with_config(config) if MASKS in names else None)
-        return self._arrays
+    def _open(self) -> "_RowArrays":
+        arrays = _OPENED.get(self._token)
+        if arrays is None:
+            arrays = _RowArrays.open(self.path, self.split)
+            _OPENED.clear()  # a worker writes one split at a time
+            _OPENED[self._token] = arrays
+        return arrays
 
     def write_row(self, row: int, image: np.ndarray, mask: np.ndarray | None) -> tuple[int, int]:
-        """Write the row, read it back and compare; returns its (crc32 image, crc32 mask).
-
-        The read-back is compared pixel for pixel (as strong as comparing crc32s, and
-        cheaper than a second crc32 of the same bytes).
-        """
-        images, masks = self._open()
+        """Write the row, read it back and compare; returns its (crc32 image, crc32 mask)."""
         checksums = row_checksums(image, mask)
-        images[row] = image
-        if masks is not None:
-            masks[row] = mask
-        same = np.array_equal(images[row], image) and (masks is None or np.array_equal(masks[row], mask))
-        if not same:
-            raise CacheError(f"{self.path}/{self.split}: row {row} reads back differently from "
-                             "what was written (storage fault?)")
+        self.write(row, image, mask)
+        self.check(row, image, mask)
         return checksums
+
+    def write(self, row: int, image: np.ndarray, mask: np.ndarray | None) -> None:
+        """The row's tiles, through zarr."""
+        arrays = self._open()
+        arrays.images[row] = image
+        if arrays.masks is not None:
+            arrays.masks[row] = mask
+
+    def check(self, row: int, image: np.ndarray, mask: np.ndarray | None) -> None:
+        """CacheError unless the stored tiles of the row decode to exactly `image` and `mask`.
+
+        The tiles are read back from the files and decoded by cache.tiles (what the loaders
+        read; ~2.5x cheaper than zarr's read path), and compared byte for byte.
+        """
+        arrays = self._open()
+        for name, want in ((IMAGES, image), (MASKS, mask)):
+            if name == MASKS and arrays.masks is None:
+                continue
+            try:
+                same = _same_bytes(arrays.read_back(name, row), want)
+            except OSError:
+                raise
+            except Exception as exc:  # a codec's or the shard index's complaint
+                raise CacheError(f"{self.path}/{self.split}: the {name} of row {row} cannot be read "
+                                 f"back ({type(exc).__name__}: {exc}); storage fault?") from None
+            if not same:
+                raise CacheError(f"{self.path}/{self.split}: the {name} of row {row} read back "
+                                 "differently from what was written (storage fault?)")
+
+
+_OPENED: dict[str, "_RowArrays"] = {}
+
+
+@dataclass
+class _RowArrays:
+    """A split's pixel arrays, opened for writing (zarr) and for reading back (cache.tiles)."""
+
+    images: object
+    masks: object | None
+    tiles: dict  # IMAGES / MASKS -> cache.tiles.TileArray, or None where it cannot read the layout
+
+    @classmethod
+    def open(cls, path: str, split: str) -> "_RowArrays":
+        import zarr
+
+        group = zarr.open_group(store=path, mode="r+")[split]
+        names = [name for name, _ in group.arrays()]
+        # Every row is written whole, so zarr's test for tiles equal to the fill value
+        # (done by comparing every pixel) would cost a third of the write and save nothing.
+        config = {"write_empty_chunks": True}
+        images = group[IMAGES].with_config(config)
+        masks = group[MASKS].with_config(config) if MASKS in names else None
+        tiles = {name: _tile_reader(os.path.join(path, split, name)) for name in (IMAGES, MASKS)
+                 if name in names}
+        return cls(images, masks, tiles)
+
+    def read_back(self, name: str, row: int) -> np.ndarray:
+        array = self.images if name == IMAGES else self.masks
+        tiles = self.tiles[name]
+        if tiles is None:
+            return np.asarray(array[row])
+        return tiles.read(row, 0, 0, *array.shape[1:3])
+
+
+def _tile_reader(path: str):
+    from cache.tiles import TileArray, Unsupported
+
+    try:
+        return TileArray(path, cache_index=False)  # a check must see the files as they are now
+    except Unsupported:
+        return None
+
+
+def _same_bytes(got: np.ndarray, want: np.ndarray) -> bool:
+    """Whether two uint8 arrays hold the same bytes; compared as 8-byte words where the size
+    allows (8x fewer comparisons than byte by byte)."""
+    if got.shape != want.shape:
+        return False
+    if want.dtype != np.uint8:  # values given in another dtype (zarr cast them when writing)
+        return bool(np.array_equal(got, want))
+    got, want = np.ascontiguousarray(got).reshape(-1), np.ascontiguousarray(want).reshape(-1)
+    whole = got.size - got.size % 8
+    return bool(np.array_equal(got[:whole].view(np.uint64), want[:whole].view(np.uint64))
+                and np.array_equal(got[whole:], want[whole:]))
 
 
 # -- helpers -----------------------------------------------------------------

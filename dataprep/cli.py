@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressC
 from rich.table import Table
 
 from cache.format import UserError
-from cache.writer import CODEC_NAMES, DEFAULT_CODEC, DEFAULT_SHARD, DEFAULT_TILE
+from cache.writer import CODEC_NAMES, DEFAULT_CODEC, DEFAULT_MASK_CODEC, DEFAULT_SHARD, DEFAULT_TILE
 
 console = Console(stderr=True)
 
@@ -65,11 +65,15 @@ def main():
               "listed at the end, and the exit status is 3.")
 @click.option("--tile", type=int, default=DEFAULT_TILE, show_default=True, help="Tile size in pixels.")
 @click.option("--codec", type=click.Choice(CODEC_NAMES), default=DEFAULT_CODEC, show_default=True,
-              help="Tile compression.")
+              help="Compression of the image tiles: none reads fastest (a training window costs ~5x "
+              "less CPU than with zstd-1) but takes ~3x the disk of the PNGs; zstd-1 (~2.3x) for a "
+              "small disk.")
+@click.option("--mask-codec", type=click.Choice(CODEC_NAMES), default=DEFAULT_MASK_CODEC,
+              show_default=True, help="Compression of the mask tiles.")
 @click.option("--shard/--no-shard", default=DEFAULT_SHARD, show_default=True,
               help="One file per frame and array (tiles stay separately readable), or one file per tile.")
 @user_errors
-def build(root, out, splits, workers, limit, force, coarse, on_error, tile, codec, shard):
+def build(root, out, splits, workers, limit, force, coarse, on_error, tile, codec, mask_codec, shard):
     """Decode every frame once and store uint8 tiles (and trainId masks) in a Zarr cache.
 
     Resumable: after an interruption (even kill -9) run the same command again; it finishes
@@ -80,7 +84,7 @@ def build(root, out, splits, workers, limit, force, coarse, on_error, tile, code
     from dataprep.build import BuildOptions, build_cache
 
     options = BuildOptions(root=root, out=out, workers=workers, limit=limit, force=force,
-                           coarse=coarse, on_error=on_error, storage=Storage(tile, codec, shard),
+                           coarse=coarse, on_error=on_error, storage=Storage(tile, codec, shard, mask_codec),
                            splits=tuple(s.strip() for s in splits.split(",") if s.strip()) if splits else None)
     events = _RichEvents(_progress())
     try:

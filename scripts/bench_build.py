@@ -5,36 +5,37 @@ On one raw tree (synthetic, made here in a temp dir unless --root is given), in 
       polygon file, in a process pool of --workers (what createTrainIdLabelImgs does, but on
       all cores); also its drawing alone (createLabelImage, no PNG encode) for fairness;
   (a') our rasteriser, dataprep.rasterize.render_trainids, the same way;
-  (b) the floor: decoding every image PNG with PIL in a process pool of --workers;
-  (c) `dataprep build` itself (dataprep.build.build_cache), end to end.
-Each pool is started fresh, as a user's run would (so (b) and (c) both pay a pool start);
-(b) and (c) alternate for --rounds rounds and their medians are reported.
-Per-frame CPU of (a), (a') and (b) is measured inside the workers (process_time); for (b)
-and (c) also the total CPU of parent and children (getrusage), which other jobs on a shared
-machine disturb far less than wall time. Targets: (a)/(a') >= 2 per core; (c)/(b) <= 1.3.
+  (b) the floor: a fresh Python process that decodes every image PNG with PIL in a fork
+      process pool of --workers (the cheapest way to merely decode them all);
+  (c) `dataprep build` itself, as a user runs it: a fresh `python -m dataprep.cli build`
+      process, once per --storage option.
+(b) and (c) run in fresh processes, interleaved for --rounds rounds (medians reported), each
+also once more on one frame per split (`--limit 1`): the difference is the cost per frame
+without the fixed costs (interpreter, imports, pool start), which a real build of thousands
+of frames amortises. Time is wall time and the CPU time of the process and its children
+(getrusage), which other jobs on a shared machine disturb far less than wall time.
+(d) the per-frame CPU breakdown of the build's steps, run one after the other in a fresh process
+    (once per round; medians reported).
+Targets: (a)/(a') >= 2 per core; (c)/(b) <= 1.3.
 
-    python scripts/bench_build.py --frames 24 --json bench/build.json [--workers 2]
+    python scripts/bench_build.py --frames 24 --json bench/build.json [--workers 2] \\
+        [--storage 512,none,zstd-1,shard --storage 512,zstd-1,zstd-1,noshard]
 """
 from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import resource
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-from cache.writer import Storage  # noqa: E402
-from dataprep.build import BuildOptions, build_cache, default_workers  # noqa: E402
-from dataprep.discover import discover  # noqa: E402
 
 
 # -- tasks (run in the pool workers; each returns its own CPU seconds) ---------------
@@ -77,35 +78,146 @@ def decode_png(image_path) -> float:
     return time.process_time() - start
 
 
+def decode_floor_main(paths: list[str], workers: int) -> None:
+    """(b), run as its own process: decode every PNG in a fork pool, print in-task CPU ms/frame."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        task_cpu = list(pool.map(decode_png, paths, chunksize=1))
+    print(json.dumps({"task_cpu_ms_per_frame": 1e3 * sum(task_cpu) / len(paths)}))
+
+
 # -- measuring -----------------------------------------------------------------
 def cpu_seconds() -> float:
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
+def children_cpu_seconds() -> float:
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return children.ru_utime + children.ru_stime
+
+
+def timed_process(command: list[str]) -> tuple[dict, str]:
+    """Wall and CPU (the process and every child it waited for) of one fresh process."""
+    wall, cpu = time.perf_counter(), children_cpu_seconds()
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    result = {"wall_s": time.perf_counter() - wall, "cpu_s": children_cpu_seconds() - cpu}
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr}")
+    return result, done.stdout
+
+
+def timed_decode_floor(paths: list[str], workers: int) -> dict:
+    command = [sys.executable, __file__, "--decode-floor", str(workers), *paths]
+    result, stdout = timed_process(command)
+    result.update(json.loads(stdout.strip().splitlines()[-1]))
+    return result
+
+
+def timed_build(root: Path, out: Path, workers: int, storage, limit: int | None = None) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    command = [sys.executable, "-m", "dataprep.cli", "build", "--root", str(root), "--out", str(out),
+               "--workers", str(workers), *storage_options(storage)]
+    if limit is not None:
+        command += ["--limit", str(limit)]
+    return timed_process(command)[0]
+
+
 def timed_pool(func, items, workers: int) -> dict:
     """Wall time (pool start included), total CPU, and the in-task CPU per item."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
     wall, cpu = time.perf_counter(), cpu_seconds()
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         task_cpu = list(pool.map(func, items, chunksize=1))
     return {"wall_s": time.perf_counter() - wall, "cpu_s": cpu_seconds() - cpu,
             "task_cpu_ms_per_frame": 1e3 * sum(task_cpu) / len(items)}
 
 
-def timed_build(root: Path, out: Path, workers: int, storage: Storage) -> dict:
-    wall, cpu = time.perf_counter(), cpu_seconds()
-    report = build_cache(BuildOptions(root=root, out=out, workers=workers, storage=storage))
-    assert report.exit_code == 0
-    wall = time.perf_counter() - wall
-    # The build's workers are children of multiprocessing's forkserver: their CPU reaches our
-    # RUSAGE_CHILDREN only once the forkserver is stopped and reaped (a private helper; the
-    # next build starts a fresh forkserver, so every round pays the same start-up).
-    from multiprocessing import forkserver
-    forkserver._forkserver._stop()
-    return {"wall_s": wall, "cpu_s": cpu_seconds() - cpu}
+# -- storage options -------------------------------------------------------------
+def parse_storage(text: str):
+    """"TILE,CODEC,MASK_CODEC,shard|noshard" -> Storage."""
+    from cache.writer import Storage
+
+    tile, codec, mask_codec, shard = text.split(",")
+    if shard not in ("shard", "noshard"):
+        raise argparse.ArgumentTypeError(f"{text}: the last field is shard or noshard")
+    return Storage(int(tile), codec, shard == "shard", mask_codec)
 
 
+def storage_name(storage) -> str:
+    return f"{storage.tile},{storage.codec},{storage.mask_codec},{'shard' if storage.shard else 'noshard'}"
+
+
+def storage_options(storage) -> list[str]:
+    return ["--tile", str(storage.tile), "--codec", storage.codec, "--mask-codec", storage.mask_codec,
+            "--shard" if storage.shard else "--no-shard"]
+
+
+# -- (d) the build's steps one by one ----------------------------------------------
+def breakdown(frames, storage, tmp: Path) -> dict:
+    """CPU ms per frame of each step of the build, in this process (set up as a build worker:
+    zarr and blosc on one thread, glibc reusing frame buffers): the parent's probe and
+    bookkeeping, the worker's decode, render, crc32, tile writes and read-back check."""
+    from cache.writer import CacheWriter, RowWriter, SplitPlan, configure_worker_threads, row_checksums
+    from dataprep.build import decode_image, probe_frame, reuse_frame_buffers
+    from dataprep.rasterize import render_trainids
+
+    configure_worker_threads()
+    reuse_frame_buffers()  # as dataprep.build's workers do
+    steps = {name: [] for name in ("probe", "decode", "render", "crc32", "write", "check", "record")}
+
+    def timed(name, func, *args):
+        start = time.process_time()
+        value = func(*args)
+        steps[name].append(1e3 * (time.process_time() - start))
+        return value
+
+    out = tmp / "breakdown"
+    shutil.rmtree(out, ignore_errors=True)
+    height, width = timed("probe", probe_frame, frames[0])[0]
+    for frame in frames[1:]:
+        timed("probe", probe_frame, frame)
+    writer = CacheWriter(out)
+    writer.prepare_split(SplitPlan("train", tuple(f"c/c_{i:06d}_000019" for i in range(len(frames))),
+                                   height, width, True), storage)
+    rows = RowWriter(out, "train")
+    for row, frame in enumerate(frames):
+        image = timed("decode", decode_image, frame.image)
+        mask = timed("render", render_trainids, frame.polygons)
+        checksums = timed("crc32", row_checksums, image, mask)
+        timed("write", rows.write, row, image, mask)
+        timed("check", rows.check, row, image, mask)
+        timed("record", writer.record_row, "train", row, checksums)
+    result = {name: statistics.median(values) for name, values in steps.items()}
+    result["total"] = sum(result.values())
+    result["total_over_decode"] = result["total"] / result["decode"]
+    shutil.rmtree(out, ignore_errors=True)
+    return result
+
+
+def breakdown_in_fresh_process(root: Path, frames: int, storage, tmp: Path) -> dict:
+    """(d) in a new process, which starts as fresh as a build worker does."""
+    command = [sys.executable, __file__, "--breakdown", str(root), str(frames), storage_name(storage), str(tmp)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def breakdown_main(root: str, frames: str, storage: str, tmp: str) -> None:
+    from dataprep.discover import discover
+
+    labelled = [f for split in discover(Path(root)).values() for f in split if f.polygons is not None]
+    print(json.dumps(breakdown(labelled[: int(frames)], parse_storage(storage), Path(tmp))))
+
+
+# -- the benchmark -----------------------------------------------------------------
 def median_of(rounds: list[dict]) -> dict:
     out = {key: float(statistics.median(r[key] for r in rounds)) for key in rounds[0]}
     out["rounds"] = rounds
@@ -120,74 +232,124 @@ def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def per_frame(full: dict, one: dict, frames: int, one_frames: int) -> dict:
+    """Cost per frame beyond the fixed costs: (full run - run on a frame per split) / frames."""
+    return {key: (full[key] - one[key]) / (frames - one_frames) for key in ("wall_s", "cpu_s")}
+
+
 def bench(args, tmp: Path) -> dict:
+    from cache.writer import Storage
+    from dataprep.build import default_workers
+    from dataprep.discover import discover
+
     root = args.root
     if root is None:
         root = tmp / "raw"
         from dataprep.synth import write_synthetic_tree
         write_synthetic_tree(root, args.frames, height=args.height, width=args.width, seed=args.seed)
-    frames = [f for split in discover(root).values() for f in split]
+    found = discover(root)
+    frames = [f for split in found.values() for f in split]
+    first_frames = [split[0] for split in found.values()]  # what `--limit 1` builds
     labelled = [f for f in frames if f.polygons is not None]
     workers = args.workers or default_workers()
-    (tmp / "ref").mkdir()
+    storages = args.storage or [Storage()]
+    names = [storage_name(s) for s in storages]
     results = {"frames": len(frames), "labelled_frames": len(labelled), "workers": workers,
-               "tile": args.tile, "codec": args.codec, "shard": args.shard, "rounds": args.rounds}
-    # (b) and (c) alternate for --rounds rounds (medians reported), so that a busy spell of a
-    # shared machine hits both; both read the PNGs from the page cache.
-    decode_rounds, build_rounds = [], []
+               "rounds": args.rounds, "storages": names}
+    # (b) and (c) alternate, so that a busy spell of a shared machine hits them all; all read
+    # the PNGs from the page cache.
+    runs = {"decode": [], "decode_one": [], **{n: [] for n in names}, **{n + " one": [] for n in names},
+            **{n + " steps": [] for n in names}}
     for round_ in range(args.rounds):
-        decode_rounds.append(timed_pool(decode_png, [str(f.image) for f in frames], workers))
-        shutil.rmtree(tmp / "cache", ignore_errors=True)
-        build_rounds.append(timed_build(root, tmp / "cache", workers, Storage(args.tile, args.codec, args.shard)))
-    results["decode"] = median_of(decode_rounds)
-    results["build"] = median_of(build_rounds)
-    results["reference_json2labelimg"] = timed_pool(
-        reference_json2labelimg, [(str(f.polygons), str(tmp / "ref" / f"{i}.png")) for i, f in enumerate(labelled)],
-        workers)
-    results["reference_draw_only"] = timed_pool(reference_draw_only, [str(f.polygons) for f in labelled], workers)
-    results["our_render"] = timed_pool(our_render, [str(f.polygons) for f in labelled], workers)
+        runs["decode"].append(timed_decode_floor([str(f.image) for f in frames], workers))
+        for storage, name in zip(storages, names):
+            runs[name].append(timed_build(root, tmp / "cache", workers, storage))
+        runs["decode_one"].append(timed_decode_floor([str(f.image) for f in first_frames], workers))
+        for storage, name in zip(storages, names):
+            runs[name + " one"].append(timed_build(root, tmp / "cache_one", workers, storage, limit=1))
+            runs[name + " steps"].append(breakdown_in_fresh_process(root, args.breakdown_frames, storage, tmp))
+        print(f"round {round_ + 1}/{args.rounds} done", flush=True)
+    results["decode"] = median_of(runs["decode"])
+    results["decode_one"] = median_of(runs["decode_one"])
+    decode_frame = per_frame(results["decode"], results["decode_one"], len(frames), len(first_frames))
+    results["decode_per_frame"] = decode_frame
     images = tree_bytes(f.image for f in frames)
-    cache = tmp / "cache"
-    results["bytes"] = {
-        "raw_image_pngs": images,
-        "raw_polygon_jsons": tree_bytes(f.polygons for f in labelled),
-        "cache_total": dir_bytes(cache),
-        "cache_images": sum(dir_bytes(cache / s / "images") for s in discover(root)),
-        "cache_masks": sum(dir_bytes(cache / s / "masks") for s in discover(root) if (cache / s / "masks").exists()),
-    }
-    results["ratios"] = ratios(results)
+    results["builds"] = {}
+    for storage, name in zip(storages, names):
+        build, one = median_of(runs[name]), median_of(runs[name + " one"])
+        build_frame = per_frame(build, one, len(frames), len(first_frames))
+        timed_build(root, tmp / "cache", workers, storage)  # the cache whose bytes are counted
+        cache = tmp / "cache"
+        results["builds"][name] = {
+            "build": build, "build_one": one, "build_per_frame": build_frame,
+            "breakdown_ms_per_frame": median_of(runs[name + " steps"]),
+            "bytes": {"cache_total": dir_bytes(cache),
+                      "cache_images": sum(dir_bytes(cache / s / "images") for s in found),
+                      "cache_masks": sum(dir_bytes(cache / s / "masks") for s in found
+                                         if (cache / s / "masks").exists())},
+            "ratios": {
+                "build_wall_over_decode_wall": build["wall_s"] / results["decode"]["wall_s"],
+                "build_cpu_over_decode_cpu": build["cpu_s"] / results["decode"]["cpu_s"],
+                "per_frame_wall_over_decode": build_frame["wall_s"] / decode_frame["wall_s"],
+                "per_frame_cpu_over_decode": build_frame["cpu_s"] / decode_frame["cpu_s"],
+                "cache_over_image_pngs": dir_bytes(cache) / images,
+            },
+        }
+    if not args.no_references:
+        (tmp / "ref").mkdir()
+        results["reference_json2labelimg"] = timed_pool(
+            reference_json2labelimg, [(str(f.polygons), str(tmp / "ref" / f"{i}.png"))
+                                      for i, f in enumerate(labelled)], workers)
+        results["reference_draw_only"] = timed_pool(reference_draw_only, [str(f.polygons) for f in labelled],
+                                                    workers)
+        results["our_render"] = timed_pool(our_render, [str(f.polygons) for f in labelled], workers)
+        ours = results["our_render"]["task_cpu_ms_per_frame"]
+        results["mask_ratios"] = {
+            "mask_speedup_per_core_vs_json2labelimg":
+                results["reference_json2labelimg"]["task_cpu_ms_per_frame"] / ours,
+            "mask_speedup_per_core_vs_reference_drawing_only":
+                results["reference_draw_only"]["task_cpu_ms_per_frame"] / ours,
+        }
+    results["bytes"] = {"raw_image_pngs": images,
+                        "raw_polygon_jsons": tree_bytes(f.polygons for f in labelled)}
     return results
-
-
-def ratios(r: dict) -> dict:
-    ours = r["our_render"]["task_cpu_ms_per_frame"]
-    return {
-        "mask_speedup_per_core_vs_json2labelimg": r["reference_json2labelimg"]["task_cpu_ms_per_frame"] / ours,
-        "mask_speedup_per_core_vs_reference_drawing_only": r["reference_draw_only"]["task_cpu_ms_per_frame"] / ours,
-        "build_wall_over_decode_wall": r["build"]["wall_s"] / r["decode"]["wall_s"],
-        "build_cpu_over_decode_cpu": r["build"]["cpu_s"] / r["decode"]["cpu_s"],
-        "cache_over_image_pngs": r["bytes"]["cache_total"] / r["bytes"]["raw_image_pngs"],
-    }
 
 
 def print_summary(r: dict) -> None:
     n = r["frames"]
-    print(f"{n} frames ({r['labelled_frames']} labelled), {r['workers']} workers, tile {r['tile']}, "
-          f"{r['codec']}{', sharded' if r['shard'] else ''}; (b) and (c): medians of {r['rounds']} rounds")
-    for key in ("reference_json2labelimg", "reference_draw_only", "our_render", "decode"):
-        v = r[key]
-        print(f"  {key:<24} wall {v['wall_s']:6.2f} s  cpu {v['cpu_s']:6.2f} s  "
-              f"in-task {v['task_cpu_ms_per_frame']:6.1f} ms/frame")
-    b = r["build"]
-    print(f"  {'dataprep build':<24} wall {b['wall_s']:6.2f} s  cpu {b['cpu_s']:6.2f} s  "
-          f"({1e3 * b['cpu_s'] / n:.1f} ms cpu/frame)")
-    for key, value in r["ratios"].items():
+    print(f"{n} frames ({r['labelled_frames']} labelled), {r['workers']} workers; fresh processes, "
+          f"medians of {r['rounds']} rounds; 'per frame' = (N frames - 1 per split) / frames")
+    d, df = r["decode"], r["decode_per_frame"]
+    print(f"  {'decode floor':<32} wall {d['wall_s']:5.2f} s  cpu {d['cpu_s']:5.2f} s  "
+          f"per frame: wall {1e3 * df['wall_s']:5.1f} ms  cpu {1e3 * df['cpu_s']:5.1f} ms  "
+          f"(in-task {d['task_cpu_ms_per_frame']:.1f} ms)")
+    for name, b in r["builds"].items():
+        bb, bf, ratio = b["build"], b["build_per_frame"], b["ratios"]
+        print(f"  build {name:<26} wall {bb['wall_s']:5.2f} s  cpu {bb['cpu_s']:5.2f} s  "
+              f"per frame: wall {1e3 * bf['wall_s']:5.1f} ms  cpu {1e3 * bf['cpu_s']:5.1f} ms")
+        print(f"  {'':<32} vs floor: wall {ratio['build_wall_over_decode_wall']:.2f}x  cpu "
+              f"{ratio['build_cpu_over_decode_cpu']:.2f}x  per frame: wall {ratio['per_frame_wall_over_decode']:.2f}x"
+              f"  cpu {ratio['per_frame_cpu_over_decode']:.2f}x   cache/PNGs {ratio['cache_over_image_pngs']:.2f}")
+        steps = b["breakdown_ms_per_frame"]
+        print(f"  {'':<32} CPU ms/frame: " + ", ".join(f"{k} {v:.1f}" for k, v in steps.items()
+                                                       if k not in ("total_over_decode", "rounds"))
+              + f" ({steps['total_over_decode']:.2f}x decode)")
+    for key in ("reference_json2labelimg", "reference_draw_only", "our_render"):
+        if key in r:
+            v = r[key]
+            print(f"  {key:<32} wall {v['wall_s']:5.2f} s  cpu {v['cpu_s']:5.2f} s  "
+                  f"in-task {v['task_cpu_ms_per_frame']:5.1f} ms/frame")
+    for key, value in r.get("mask_ratios", {}).items():
         print(f"  {key:<48} {value:6.2f}")
-    mb = {k: v / 1e6 for k, v in r["bytes"].items()}
-    print("  MB: " + ", ".join(f"{k} {v:.1f}" for k, v in mb.items()))
 
 
 def main() -> None:
+    if len(sys.argv) > 2 and sys.argv[1] == "--decode-floor":  # (b), in its own process
+        decode_floor_main(sys.argv[3:], int(sys.argv[2]))
+        return
+    if len(sys.argv) == 6 and sys.argv[1] == "--breakdown":  # (d), in its own process
+        breakdown_main(*sys.argv[2:])
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=24, help="synthetic frames (train + val)")
     parser.add_argument("--height", type=int, default=1024)
@@ -195,10 +357,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=None, help="default: all cores")
     parser.add_argument("--root", type=Path, default=None, help="an existing raw tree instead of a synthetic one")
-    parser.add_argument("--tile", type=int, default=Storage().tile)
-    parser.add_argument("--codec", default=Storage().codec)
-    parser.add_argument("--shard", action="store_true", default=Storage().shard)
+    parser.add_argument("--storage", type=parse_storage, action="append", default=None,
+                        help="TILE,CODEC,MASK_CODEC,shard|noshard (repeat to compare; default: the defaults)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of (b) and (c); medians are reported")
+    parser.add_argument("--breakdown-frames", type=int, default=12, help="frames timed step by step in (d)")
+    parser.add_argument("--no-references", action="store_true", help="skip (a) and (a')")
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench_build_"))

@@ -87,7 +87,10 @@ def test_clean_build_holds_decoded_images_and_exact_masks(small_tree, clean_cach
         assert group.attrs["frames"] == [f.name for f in frames]
         assert group.attrs["complete"] is True
         assert group[IMAGES].chunks == (1, Storage().tile, Storage().tile, 3)
-        assert group[IMAGES].shards is None  # one file per tile (and, here, per row)
+        # the defaults: one shard per row (a whole number of tiles), raw image tiles, zstd masks
+        assert group[IMAGES].shards == (1, 512, 512, 3)
+        assert group[IMAGES].compressors == ()
+        assert len([p for p in (clean_cache / split / IMAGES / "c").rglob("*") if p.is_file()]) == len(frames)
         assert np.asarray(group[DONE][:]).tolist() == [1] * len(frames)
         for row, frame in enumerate(frames):
             image = np.asarray(Image.open(frame.image).convert("RGB"))
@@ -101,6 +104,36 @@ def test_clean_build_holds_decoded_images_and_exact_masks(small_tree, clean_cach
             assert int(sums[1]) == zlib.crc32(mask.tobytes())
     assert MASKS not in [name for name, _ in root["test"].arrays()]
     assert root["train"][MASKS].chunks == (1, Storage().tile, Storage().tile)
+    assert [type(c).__name__ for c in root["train"][MASKS].compressors] == ["ZstdCodec"]
+
+
+def test_image_and_mask_codecs_are_chosen_separately(small_tree, tmp_path, clean_cache):
+    out = tmp_path / "cache"
+    result = run_build("--root", small_tree, "--out", out, "--workers", "1", "--splits", "val",
+                       "--tile", "128", "--no-shard", "--codec", "lz4", "--mask-codec", "none")
+    assert result.exit_code == 0, result.output
+    group = zarr.open_group(str(out), mode="r")["val"]
+    assert [c.to_dict()["configuration"]["cname"] for c in group[IMAGES].compressors] == ["lz4"]
+    assert group[MASKS].compressors == () and group[MASKS].shards is None
+    mask_tile = out / "val" / MASKS / "c" / "0" / "0" / "0"
+    assert mask_tile.stat().st_size == 128 * 128  # stored raw
+    mine, clean = CacheReader(out), CacheReader(clean_cache)
+    for row in range(2):
+        for got, want in zip(mine.read_frame("val", row), clean.read_frame("val", row)):
+            np.testing.assert_array_equal(got, want)
+
+
+def test_storage_options_are_checked_and_named():
+    from cache.format import UserError
+
+    with pytest.raises(UserError, match="--codec: unknown codec 'gzip'"):
+        Storage(codec="gzip")
+    with pytest.raises(UserError, match="--mask-codec: unknown codec 'png'"):
+        Storage(mask_codec="png")
+    with pytest.raises(UserError, match="--tile must be between 16 and 4096"):
+        Storage(tile=8)
+    assert Storage(64, "lz4").pixel_array_spec((2, 64, 64, 3), 0)["compressors"][0].cname.value == "lz4"
+    assert Storage(64, "lz4").pixel_array_spec((2, 64, 64), 255)["compressors"][0].level == 1  # masks
 
 
 def test_cli_build_says_which_split_has_no_masks_and_rerun_rebuilds_nothing(small_tree, tmp_path, clean_cache):
@@ -133,19 +166,21 @@ def test_two_workers_and_one_give_the_same_bytes(small_tree, tmp_path, clean_cac
     assert_same_cache(clean_cache, out)
 
 
-def test_sharded_build_holds_the_same_pixels_in_one_file_per_row(small_tree, tmp_path, clean_cache):
+@pytest.mark.parametrize("shard, files_per_row", [("--shard", 1), ("--no-shard", 8)])
+def test_shards_and_tiles_hold_the_same_pixels(small_tree, tmp_path, clean_cache, shard, files_per_row):
     out = tmp_path / "cache"
-    result = run_build("--root", small_tree, "--out", out, "--workers", "1", "--tile", "128", "--shard")
+    result = run_build("--root", small_tree, "--out", out, "--workers", "1", "--tile", "128", shard)
     assert result.exit_code == 0, result.output
     group = zarr.open_group(str(out), mode="r")["train"]
-    assert group[IMAGES].chunks == (1, 128, 128, 3) and group[IMAGES].shards == (1, 256, 512, 3)
-    assert len([p for p in (out / "train" / IMAGES / "c").rglob("*") if p.is_file()]) == 4
-    sharded, clean = CacheReader(out), CacheReader(clean_cache)
+    assert group[IMAGES].chunks == (1, 128, 128, 3)
+    assert group[IMAGES].shards == ((1, 256, 512, 3) if shard == "--shard" else None)
+    assert len([p for p in (out / "train" / IMAGES / "c").rglob("*") if p.is_file()]) == 4 * files_per_row
+    other, clean = CacheReader(out), CacheReader(clean_cache)
     for split in ("train", "val", "test"):
         for row in range(len(clean.split(split))):
-            for got, want in zip(sharded.read_frame(split, row), clean.read_frame(split, row)):
+            for got, want in zip(other.read_frame(split, row), clean.read_frame(split, row)):
                 np.testing.assert_array_equal(got, want)
-    assert sharded.read_window("train", 1, 100, 200, 60, 90)[0].shape == (60, 90, 3)
+    assert other.read_window("train", 1, 100, 200, 60, 90)[0].shape == (60, 90, 3)
 
 
 # -- resume ---------------------------------------------------------------------
@@ -225,9 +260,10 @@ def test_interrupted_split_setup_is_started_again(small_tree, tmp_path, clean_ca
 # -- refusals -------------------------------------------------------------------
 @pytest.mark.parametrize("first, second, words", [
     (["--tile", "128"], ["--tile", "256"], "128 px tiles"),
-    (["--codec", "lz4"], ["--codec", "zstd-1"], "another codec"),
+    (["--codec", "lz4"], ["--codec", "zstd-1"], "images were written with another codec than --codec zstd-1"),
+    (["--mask-codec", "lz4"], [], "masks were written with another codec than --mask-codec zstd-1"),
     (["--limit", "1"], [], "holds 1 frames but this build would make 2"),
-    (["--shard"], [], "written with shards, this build without"),
+    (["--no-shard"], [], "written without shards, this build with"),
 ])
 def test_resume_with_other_options_is_refused_until_force(small_tree, tmp_path, first, second, words):
     out = tmp_path / "cache"
@@ -446,3 +482,85 @@ def test_drop_interrupted_before_the_arrays_shrank_is_finished_on_resume(tmp_pat
     assert group[IMAGES].shape[0] == 3 and group[DONE].shape == (3,) and group[CHECKSUMS].shape == (3, 2)
     np.testing.assert_array_equal(CacheReader(tmp_path / "cache").read_frame("train", 0)[1],
                                   blocky_frame(64, 128, seed=0)[1])
+
+
+# -- the read-back check and the worker processes ---------------------------------
+def one_row_cache(path: Path, storage: Storage):
+    from cache.writer import CacheWriter, RowWriter, SplitPlan
+    from tests.cachefab import blocky_frame
+
+    writer = CacheWriter(path)
+    writer.prepare_split(SplitPlan("val", ("a/a_000000_000019",), 64, 128, True), storage)
+    return RowWriter(path, "val"), blocky_frame(64, 128, seed=1)
+
+
+def flip_byte(path: Path, at: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("codec, shard", [("none", True), ("none", False), ("zstd-1", True), ("lz4", False)])
+def test_the_check_catches_tiles_that_do_not_decode_to_the_frame(tmp_path, codec, shard):
+    from cache.format import CacheError
+
+    rows, (image, mask) = one_row_cache(tmp_path / "c", Storage(64, codec, shard, mask_codec=codec))
+    rows.write(0, image, mask)
+    rows.check(0, image, mask)
+    stored = sorted(p for p in (tmp_path / "c" / "val" / MASKS / "c").rglob("*") if p.is_file())[0]
+    flip_byte(stored, 40)  # a pixel of a raw tile, or a byte of a compressed stream
+    with pytest.raises(CacheError, match="masks of row 0 (read back differently|cannot be read back)"):
+        rows.check(0, image, mask)
+    rows.write(0, image, mask)
+    other = image.copy()
+    other[5, 7, 1] ^= 0xFF
+    with pytest.raises(CacheError, match="images of row 0 read back differently"):
+        rows.check(0, other, mask)
+
+
+def test_the_check_reads_a_rewritten_shard_through_its_new_index(tmp_path):
+    """A shard rewritten within the file system's timestamp granularity (forced here) must not
+    be read through the index cache.tiles kept of its previous version."""
+    rows, (image, mask) = one_row_cache(tmp_path / "c", Storage(32, "zstd-1", True))
+    rows.write_row(0, image, mask)
+    shard = tmp_path / "c" / "val" / MASKS / "c" / "0" / "0" / "0"
+    stamp = shard.stat()
+    other_mask = np.random.default_rng(0).integers(0, 19, mask.shape, dtype=np.uint8)  # other offsets
+    rows.write(0, image, other_mask)
+    os.utime(shard, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    rows.check(0, image, other_mask)
+
+
+def test_a_new_row_writer_opens_the_arrays_again(tmp_path):
+    """Workers keep opened arrays per RowWriter token; a cache made again at the same path
+    (other shape) is written through its new arrays."""
+    from tests.cachefab import blocky_frame
+
+    path = tmp_path / "c"
+    first, (image, mask) = one_row_cache(path, Storage(64))
+    first.write_row(0, image, mask)
+    shutil.rmtree(path)
+    from cache.writer import CacheWriter, RowWriter, SplitPlan
+
+    CacheWriter(path).prepare_split(SplitPlan("val", ("a/a_000000_000019",), 96, 64, True), Storage(64))
+    image, mask = blocky_frame(96, 64, seed=2)
+    RowWriter(path, "val").write_row(0, image, mask)
+    np.testing.assert_array_equal(CacheReader(path).read_frame("val", 0)[0], image)
+
+
+def test_workers_are_forked_from_a_single_threaded_build_else_from_a_forkserver():
+    import threading
+
+    from dataprep.build import worker_context
+
+    code = "from dataprep.build import worker_context; print(worker_context().get_start_method())"
+    fresh = subprocess.run([sys.executable, "-c", code], cwd=ROOT_DIR, capture_output=True, text=True)
+    assert fresh.stdout.strip() == "fork", fresh.stderr
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait)
+    thread.start()
+    try:
+        assert worker_context().get_start_method() == "forkserver"
+    finally:
+        stop.set()
+        thread.join()

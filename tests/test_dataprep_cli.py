@@ -34,8 +34,18 @@ def test_group_lists_its_commands_and_build_help_documents_on_error():
     for words in ("--on-error [stop|skip]", "stop: the first bad frame stops the build",
                   "skip: bad frames are left out of the split", "exit status is 3",
                   "--limit", "--workers", "--force", "--coarse", "--splits", "--tile", "--codec",
-                  "kill -9"):
+                  "--mask-codec", "--shard / --no-shard", "kill -9"):
         assert words in build_help, words
+
+
+def test_build_help_shows_the_measured_storage_defaults():
+    from cache.writer import DEFAULT_CODEC, DEFAULT_MASK_CODEC, DEFAULT_TILE
+
+    build_help = " ".join(invoke("build", "--help").output.split())
+    assert f"Tile size in pixels. [default: {DEFAULT_TILE}]" in build_help
+    assert f"for a small disk. [default: {DEFAULT_CODEC}]" in build_help
+    assert f"Compression of the mask tiles. [default: {DEFAULT_MASK_CODEC}]" in build_help
+    assert "[default: shard]" in build_help
 
 
 def test_synth_writes_the_official_layout_deterministically(tmp_path):

@@ -51,7 +51,7 @@ def test_sound_cache_passes(built):
 
 
 def test_flipped_bytes_in_a_stored_tile_name_the_frame(cache):
-    chunk = cache / "train" / IMAGES / "c" / "2" / "0" / "0" / "0"  # row 2's shard
+    chunk = cache / "train" / IMAGES / "c" / "2" / "0" / "0" / "0"  # row 2's shard (1 per row)
     data = bytearray(chunk.read_bytes())
     for i in range(len(data) // 2, len(data) // 2 + 8):
         data[i] ^= 0x5A
@@ -69,7 +69,8 @@ def test_flipped_byte_in_an_uncompressed_mask_tile_is_caught_by_the_checksum(tmp
     path = tmp_path / "raw_cache"
     image, mask = blocky_frame(64, 128, seed=1)
     writer = CacheWriter(path)
-    writer.prepare_split(SplitPlan("val", ("a/a_000000_000019",), 64, 128, True), Storage(64, "none"))
+    writer.prepare_split(SplitPlan("val", ("a/a_000000_000019",), 64, 128, True),
+                         Storage(64, "none", shard=False, mask_codec="none"))
     writer.record_row("val", 0, RowWriter(path, "val").write_row(0, image, mask))
     assert writer.finish_split("val") and verify_cache(path).ok
     chunk = path / "val" / MASKS / "c" / "0" / "0" / "0"
@@ -138,3 +139,18 @@ def test_not_a_cache_is_a_one_line_error(tmp_path):
     result = run_verify(tmp_path / "nothing")
     assert result.exit_code == 1
     assert result.stderr.strip().startswith("error: ") and "no cache there" in result.stderr
+
+
+def test_layouts_the_direct_reader_does_not_know_are_verified_through_zarr(cache, monkeypatch):
+    from cache import tiles
+
+    def unsupported(self, path, **kwargs):
+        raise tiles.Unsupported("pretend")
+
+    monkeypatch.setattr(tiles.TileArray, "__init__", unsupported)
+    assert verify_cache(cache).ok
+    mask = np.asarray(zarr.open_group(str(cache), mode="r")["val"][MASKS][0])
+    mask[0, 0] = (int(mask[0, 0]) + 1) % 19
+    zarr.open_group(str(cache), mode="r+")["val"][MASKS][0] = mask
+    faults = verify_cache(cache).faults
+    assert len(faults) == 1 and faults[0].split == "val" and "mask checksum" in faults[0].problem
