@@ -12,7 +12,7 @@ dataprep verify --cache "$work/cache"
 train --cache "$work/cache" --out "$work/run" --loader "${LOADER:-dali}" \
       --arch unet --encoder resnet18 --encoder-weights none \
       --model-arg encoder_depth=3 --model-arg 'decoder_channels=[64,32,16]' \
-      --res 256 --batch-size 8 --iters "${ITERS:-150}" --eval-every 50 \
+      --res 256 --batch-size 8 --iters "${ITERS:-100}" --eval-every 50 \
       --optimizer adamw --lr 2e-3 --warmup 10 --loss ce+dice \
       --class-weights "$work/cache/stats.json:enet" --eval-scale 0.5
 evaluate --checkpoint "$work/run/best.pt" --cache "$work/cache" --split val \
