@@ -2,7 +2,6 @@
 calls one library function; a UserError becomes `error: ...` on stderr and exit status 1."""
 from __future__ import annotations
 
-import functools
 import sys
 from pathlib import Path
 
@@ -12,25 +11,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressC
     TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from cache.format import UserError
+from cache.errors import report_user_errors
 from cache.writer import CODEC_NAMES, DEFAULT_CODEC, DEFAULT_MASK_CODEC, DEFAULT_SHARD, DEFAULT_TILE
 
 console = Console(stderr=True)
 
 
-def user_errors(command):
-    """One line on stderr and exit 1 for a user mistake; 130 and a resume hint for Ctrl-C."""
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except UserError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(1)
-        except KeyboardInterrupt:
-            click.echo("interrupted; run the same command again to resume", err=True)
-            sys.exit(130)
-    return wrapper
+user_errors = report_user_errors("interrupted; run the same command again to resume")
 
 
 def _progress() -> Progress:

@@ -236,7 +236,7 @@ def _add_sky_and_buildings(scene: _SceneBuilder) -> None:
 
 
 def _add_ground(scene: _SceneBuilder) -> None:
-    rng, h, w = scene.rng, scene.h, scene.w
+    rng, h = scene.rng, scene.h
     far, below = scene.horizon, 1.1 * h  # the ground leaves the image at the bottom
     scene.add("road", [(scene.road_edge(far, 0), far), (scene.road_edge(far, 1), far),
                        (scene.road_edge(below, 1), below), (scene.road_edge(below, 0), below)])

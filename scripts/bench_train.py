@@ -17,7 +17,7 @@ from pathlib import Path
 import click
 import torch
 
-from training.cli import report_user_errors
+from cache.errors import report_user_errors
 
 
 @click.command()
@@ -39,7 +39,7 @@ from training.cli import report_user_errors
 @click.option("--amp", default="none", show_default=True, help="bf16, fp16 or none.")
 @click.option("--threads", default=None, type=int, help="torch intra-op threads (CPU).")
 @click.option("--json", "json_path", default=None, help="Write the results here.")
-@report_user_errors
+@report_user_errors()
 def main(cache, res, batch_size, arch, encoder, model_args, loaders, iters, warmup, rounds,
          workers, device, amp, threads, json_path):
     from training.bench import benchmark_training

@@ -9,23 +9,13 @@ every flag is read as text here and a mistake is reported as `error: ...` with e
 """
 from __future__ import annotations
 
-import functools
 
 import click
 
+from cache.errors import report_user_errors
 from cache.format import UserError
 
-
-def report_user_errors(command):
-    """UserError -> 'error: message' on stderr, exit status 1, no traceback."""
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except UserError as exc:
-            click.echo(f"error: {exc}", err=True)
-            raise click.exceptions.Exit(1) from None
-    return wrapper
+user_errors = report_user_errors("interrupted; `train --out RUN --resume` continues from its last.pt")
 
 
 def _opt(name: str, metavar: str, help_text: str):
@@ -97,7 +87,7 @@ HELP = {"help_option_names": ["-h", "--help"]}
 
 @click.command("train", context_settings=HELP)
 @_apply(TRAIN_OPTIONS)
-@report_user_errors
+@user_errors
 def train(config_file, model_args, resume, **flags):
     """Train an smp model on a cache, validating and checkpointing as it goes."""
     from training.config import parse_model_args, resolve_config
@@ -138,7 +128,7 @@ def parse_scales(text: str) -> tuple[float, ...]:
 @click.option("--workers", default=None, type=int, help="Loader workers.")
 @click.option("--amp", default="none", show_default=True, type=click.Choice(["bf16", "fp16", "none"]),
               help="Autocast dtype (fp16 needs CUDA).")
-@report_user_errors
+@user_errors
 def evaluate(checkpoint, cache, split, loader, batch_size, tta, flip, json_path, export_dir,
              visualize_dir, device, limit, eval_scale, workers, amp):
     """Score a checkpoint on a cache split (official Cityscapes metrics), optionally with TTA."""
