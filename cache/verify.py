@@ -16,7 +16,7 @@ import numpy as np
 
 from cache.format import CHECKSUMS, DONE, IMAGES, MASKS, ROOT_ATTRS
 from cache.reader import CacheReader
-from cache.writer import configure_worker_threads, row_checksums
+from cache.writer import configure_worker_threads, read_rows_tolerantly, row_checksums
 
 _IN_PROCESS_BELOW = 16  # rows; fewer are checked without starting worker processes
 
@@ -59,6 +59,9 @@ def verify_cache(path: str | os.PathLike, *, workers: int | None = None, progres
         if reader.attrs.get(key) != value:
             report.faults.append(Fault(None, None, None, f"root attribute {key!r} is "
                                        f"{reader.attrs.get(key)!r}, expected {value!r}"))
+    if not reader.split_names():  # a build that stopped before its first split: nothing to use
+        report.faults.append(Fault(None, None, None, "no splits (a build that stopped early?); "
+                                   "run `dataprep build` again"))
     for split in reader.split_names():
         faults, tasks = _check_split(reader, split)
         report.faults.extend(faults)
@@ -107,26 +110,11 @@ def _check_split(reader: CacheReader, split: str) -> tuple[list[Fault], list[tup
     if wrong:
         faults.extend(Fault(split, None, None, problem) for problem in wrong)
         return faults, []
-    done = _per_row(arrays[DONE], n)
-    sums = _per_row(arrays[CHECKSUMS], n)
+    done = read_rows_tolerantly(arrays[DONE])  # shapes were checked above: n rows each
+    sums = read_rows_tolerantly(arrays[CHECKSUMS])
     tasks = [(reader.path, split, row, done[row], sums[row], has_masks, reader.num_classes,
               reader.ignore_index) for row in range(n)]
     return faults, tasks
-
-
-def _per_row(array, n: int) -> list:
-    """array[row] for every row, or None where that row's chunk does not decode."""
-    try:
-        values = np.asarray(array[:])
-        return [values[row] for row in range(n)]
-    except Exception:
-        out = []
-        for row in range(n):
-            try:
-                out.append(np.asarray(array[row]))
-            except Exception:
-                out.append(None)
-        return out
 
 
 def _check_rows(tasks: list, workers: int | None, progress):

@@ -280,9 +280,10 @@ class CacheWriter:
     def done_flags(self, split: str) -> np.ndarray:
         """Done flags of every row; a chunk that cannot be read counts as not done."""
         group = self.root[split]
-        ok = _read_rows_robustly(group[DONE]) == 1
-        sums_ok = _readable_rows(group[CHECKSUMS])
-        return ok & sums_ok
+        done = read_rows_tolerantly(group[DONE])
+        sums = read_rows_tolerantly(group[CHECKSUMS])
+        return np.array([d is not None and int(d) == 1 and c is not None
+                         for d, c in zip(done, sums)], dtype=bool)
 
     def record_row(self, split: str, row: int, checksums: tuple[int, int]) -> None:
         """Store a checked row's checksums, then its done flag (the flag is the commit)."""
@@ -472,33 +473,20 @@ def _storage_json_of(storage: Storage, shape: tuple[int, ...]) -> list:
     return _storage_json(probe.metadata)
 
 
-def _read_rows_robustly(array) -> np.ndarray:
-    """array[:] of a per-row array; rows whose chunk fails to decode read as 0."""
+def read_rows_tolerantly(array) -> list:
+    """array[row] of every row of a per-row array, or None where that row's chunk does not
+    decode (torn or corrupt); a missing chunk reads as the fill value, which is fine."""
     try:
-        return np.asarray(array[:])
+        values = np.asarray(array[:])
+        return [values[row] for row in range(array.shape[0])]
     except Exception:  # a torn or corrupt chunk: find it row by row
-        out = np.zeros(array.shape, dtype=array.dtype)
+        out = []
         for row in range(array.shape[0]):
             try:
-                out[row] = array[row]
+                out.append(np.asarray(array[row]))
             except Exception:
-                pass
+                out.append(None)
         return out
-
-
-def _readable_rows(array) -> np.ndarray:
-    """Bool per row: its chunk decodes (a missing chunk reads as the fill value, also fine)."""
-    try:
-        array[:]
-        return np.ones(array.shape[0], dtype=bool)
-    except Exception:
-        ok = np.ones(array.shape[0], dtype=bool)
-        for row in range(array.shape[0]):
-            try:
-                array[row]
-            except Exception:
-                ok[row] = False
-        return ok
 
 
 def _remove_partial_files(directory: Path) -> None:

@@ -95,22 +95,19 @@ def test_cli_writes_the_json_contract(cache, tmp_path):
     assert CacheReader(path).split_names() == ["test", "train"]
 
 
-def test_stats_stream_one_row_at_a_time(cache, monkeypatch):
+def test_stats_stream_one_whole_row_at_a_time_through_the_tile_reader(cache, monkeypatch):
     path, _ = cache
-    keys = []
-    real_array = CacheReader.array
+    windows = []
+    real_read = CacheReader.read_mask_window
 
-    class Spy:
-        def __init__(self, array):
-            self.array = array
+    def spy(self, split, row, y, x, h, w):
+        windows.append((row, y, x, h, w))
+        return real_read(self, split, row, y, x, h, w)
 
-        def __getitem__(self, key):
-            keys.append(key)
-            return self.array[key]
-
-    monkeypatch.setattr(CacheReader, "array", lambda self, split, kind: Spy(real_array(self, split, kind)))
+    monkeypatch.setattr(CacheReader, "read_mask_window", spy)
     compute_stats(path, "train")
-    assert keys == [0, 1, 2, 3]
+    info = CacheReader(path).split("train")
+    assert windows == [(row, 0, 0, info.height, info.width) for row in range(4)]
 
 
 @pytest.mark.parametrize("split, words", [

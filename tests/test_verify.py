@@ -154,3 +154,12 @@ def test_layouts_the_direct_reader_does_not_know_are_verified_through_zarr(cache
     zarr.open_group(str(cache), mode="r+")["val"][MASKS][0] = mask
     faults = verify_cache(cache).faults
     assert len(faults) == 1 and faults[0].split == "val" and "mask checksum" in faults[0].problem
+
+
+def test_a_cache_without_splits_is_not_ok(tmp_path):
+    """A build that stopped at its first frame check leaves a root with no split; verify must
+    not call that 'ok'."""
+    CacheWriter(tmp_path / "empty")
+    result = run_verify(tmp_path / "empty")
+    assert result.exit_code == 1
+    assert "no splits" in result.stderr
