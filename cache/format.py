@@ -47,6 +47,16 @@ class CacheError(UserError):
     """The cache is missing, of another format or version, or incomplete."""
 
 
+def split_group_names(root) -> list[str]:
+    """The splits of an open cache root (zarr group): its child groups, sorted."""
+    import warnings
+
+    with warnings.catch_warnings():
+        # stats.json sits in the root by contract; zarr warns that it is not a node
+        warnings.filterwarnings("ignore", message=".*not recognized as a component")
+        return sorted(name for name, _ in root.groups())
+
+
 def check_root_attrs(path: str, attrs: dict) -> None:
     """Refuse a store that is not our cache, or of a version this code does not know."""
     if attrs.get("format") != FORMAT_NAME:

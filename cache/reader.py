@@ -2,18 +2,18 @@
 from __future__ import annotations
 
 import os
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
-from cache.tiles import TileArray, Unsupported
+from cache.tiles import open_windows
 from cache.format import (
     DONE,
     IMAGES,
     MASKS,
     CacheError,
     check_root_attrs,
+    split_group_names,
 )
 
 
@@ -78,18 +78,16 @@ class CacheReader:
         return list(self.attrs["class_names"])
 
     def split_names(self) -> list[str]:
-        with warnings.catch_warnings():
-            # stats.json sits in the root by contract; zarr warns that it is not a node
-            warnings.filterwarnings("ignore", message=".*not recognized as a component")
-            return sorted(name for name, _ in self._group().groups())
+        return split_group_names(self._group())
 
     def split(self, name: str, *, require_complete: bool = True) -> SplitInfo:
         """Frames and frame size of a split; refuses an unknown or unfinished split."""
         if name in self._splits:
             return self._splits[name]
         root = self._group()
-        if name not in self.split_names():
-            have = ", ".join(self.split_names()) or "none"
+        names = self.split_names()
+        if name not in names:
+            have = ", ".join(names) or "none"
             raise CacheError(f"{self.path}: no split {name!r} in this cache (it has: {have})")
         group = root[name]
         attrs = dict(group.attrs)
@@ -113,14 +111,10 @@ class CacheReader:
         return self._arrays[key]
 
     def _window_reader(self, split: str, kind: str):
-        """A direct tile reader where the layout allows (see cache/tiles.py), else zarr's."""
+        """read(row, y, x, h, w): direct tile reads where the layout allows (cache/tiles.py)."""
         key = ("tiles", split, kind)
         if key not in self._arrays:
-            try:
-                self._arrays[key] = TileArray(os.path.join(self.path, split, kind)).read
-            except (Unsupported, OSError, KeyError, ValueError):
-                zarr_array = self.array(split, kind)
-                self._arrays[key] = lambda row, y, x, h, w: np.asarray(zarr_array[row, y:y + h, x:x + w])
+            self._arrays[key] = open_windows(os.path.join(self.path, split, kind)).read
         return self._arrays[key]
 
     def done_rows(self, split: str) -> np.ndarray:

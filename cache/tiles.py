@@ -41,7 +41,35 @@ def _decoder(codecs: list[dict]):
     raise Unsupported(f"compressor {name}")
 
 
-class TileArray:
+class _Rows:
+    shape: tuple[int, ...]
+
+    def read_row(self, row: int) -> np.ndarray:
+        return self.read(row, 0, 0, *self.shape[1:3])
+
+
+class ZarrWindows(_Rows):
+    """TileArray's interface over zarr's own read path, for layouts TileArray does not know."""
+
+    def __init__(self, path: str):
+        import zarr
+
+        self._array = zarr.open_array(store=path, mode="r")
+        self.shape = tuple(self._array.shape)
+
+    def read(self, row: int, y: int, x: int, h: int, w: int) -> np.ndarray:
+        return np.asarray(self._array[row, y:y + h, x:x + w])
+
+
+def open_windows(path: str, *, cache_index: bool = True) -> "TileArray | ZarrWindows":
+    """The direct reader where it knows the array's layout, else zarr's (same interface)."""
+    try:
+        return TileArray(path, cache_index=cache_index)
+    except Unsupported:
+        return ZarrWindows(path)
+
+
+class TileArray(_Rows):
     """One uint8 array of the cache (images or masks), read tile by tile from its files."""
 
     def __init__(self, path: str, *, cache_index: bool = True):

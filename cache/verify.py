@@ -16,6 +16,7 @@ import numpy as np
 
 from cache.format import CHECKSUMS, DONE, IMAGES, MASKS, ROOT_ATTRS
 from cache.reader import CacheReader
+from cache.tiles import open_windows
 from cache.writer import configure_worker_threads, read_rows_tolerantly, row_checksums
 
 _IN_PROCESS_BELOW = 16  # rows; fewer are checked without starting worker processes
@@ -144,18 +145,8 @@ def _read_row(path: str, split: str, kind: str, row: int) -> np.ndarray:
     cheaper than zarr's read path), or by zarr where cache.tiles does not know the layout."""
     key = (path, split, kind)
     if key not in _ROW_READERS:
-        from cache.tiles import TileArray, Unsupported
-
-        try:
-            _ROW_READERS[key] = TileArray(os.path.join(path, split, kind), cache_index=False)
-        except Unsupported:
-            import zarr
-
-            _ROW_READERS[key] = zarr.open_group(store=path, mode="r")[split][kind]
-    array = _ROW_READERS[key]
-    if hasattr(array, "read"):
-        return array.read(row, 0, 0, *array.shape[1:3])
-    return np.asarray(array[row])
+        _ROW_READERS[key] = open_windows(os.path.join(path, split, kind), cache_index=False)
+    return _ROW_READERS[key].read_row(row)
 
 
 def check_row(task) -> list[str]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import uuid
-import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +37,9 @@ from cache.format import (
     STATS_FILE,
     CacheError,
     UserError,
+    split_group_names,
 )
+from cache.tiles import open_windows
 
 # Chosen by scripts/bench_tiles.py and scripts/bench_build.py (evidence in the README's
 # benchmark section; 2048x1024 photo frames whose PNGs weigh what Cityscapes' do). Read through
@@ -195,10 +196,7 @@ class CacheWriter:
 
     # -- splits --------------------------------------------------------------
     def split_names(self) -> list[str]:
-        with warnings.catch_warnings():
-            # stats.json sits in the root by contract; zarr warns that it is not a node
-            warnings.filterwarnings("ignore", message=".*not recognized as a component")
-            return sorted(name for name, _ in self.root.groups())
+        return split_group_names(self.root)
 
     def split_attrs(self, name: str) -> dict | None:
         return dict(self.root[name].attrs) if name in self.split_names() else None
@@ -403,7 +401,7 @@ class _RowArrays:
 
     images: object
     masks: object | None
-    tiles: dict  # IMAGES / MASKS -> cache.tiles.TileArray, or None where it cannot read the layout
+    tiles: dict  # IMAGES / MASKS -> cache.tiles.open_windows(...) of the files as written
 
     @classmethod
     def open(cls, path: str, split: str) -> "_RowArrays":
@@ -416,25 +414,13 @@ class _RowArrays:
         config = {"write_empty_chunks": True}
         images = group[IMAGES].with_config(config)
         masks = group[MASKS].with_config(config) if MASKS in names else None
-        tiles = {name: _tile_reader(os.path.join(path, split, name)) for name in (IMAGES, MASKS)
-                 if name in names}
+        # a check must see the files as they are now: no cached shard indexes
+        tiles = {name: open_windows(os.path.join(path, split, name), cache_index=False)
+                 for name in (IMAGES, MASKS) if name in names}
         return cls(images, masks, tiles)
 
     def read_back(self, name: str, row: int) -> np.ndarray:
-        array = self.images if name == IMAGES else self.masks
-        tiles = self.tiles[name]
-        if tiles is None:
-            return np.asarray(array[row])
-        return tiles.read(row, 0, 0, *array.shape[1:3])
-
-
-def _tile_reader(path: str):
-    from cache.tiles import TileArray, Unsupported
-
-    try:
-        return TileArray(path, cache_index=False)  # a check must see the files as they are now
-    except Unsupported:
-        return None
+        return self.tiles[name].read_row(row)
 
 
 def _same_bytes(got: np.ndarray, want: np.ndarray) -> bool:
