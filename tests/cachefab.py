@@ -60,3 +60,34 @@ def blocky_cache(path: str | Path, n_train: int = 6, n_val: int = 3, height: int
         frames = [f"city{i % 2}/city{i % 2}_{i:06d}_000019" for i in range(n)]
         splits[split] = (images, masks, sorted(frames))
     return write_cache(path, splits, tile=tile)
+
+
+# -- reading loader output back against the class colours ---------------------------------
+def blocky_source(split: str, row: int, height: int, width: int):
+    """The stored (image, mask) of a blocky_cache row: row r holds the frame of seed base + r."""
+    return blocky_frame(height, width, seed=(0 if split == "train" else 1000) + row)
+
+
+def class_from_colour(image) -> np.ndarray:
+    """(3, h, w) normalised image tensor -> class of the nearest CLASS_COLOUR per pixel."""
+    from loaders.colour import denormalise
+
+    pixels = denormalise(image[None])[0].permute(1, 2, 0).numpy()
+    dist = ((pixels[:, :, None, :] - CLASS_COLOURS[None, None].astype(np.float32)) ** 2).sum(-1)
+    return dist.argmin(-1)
+
+
+def interior(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Pixels whose (2r+1)^2 neighbourhood holds one label only (region borders eroded)."""
+    h, w = mask.shape
+    padded = np.pad(mask.astype(np.int32), radius, mode="edge")
+    same = np.ones_like(mask, dtype=bool)
+    for dy in range(2 * radius + 1):
+        for dx in range(2 * radius + 1):
+            same &= padded[dy:dy + h, dx:dx + w] == mask
+    return same
+
+
+def epoch_batches(loader, epoch: int = 0) -> list:
+    loader.set_epoch(epoch)
+    return list(loader)

@@ -17,7 +17,8 @@ from loaders import AugmentConfig, build_loader
 from loaders.contract import MEAN, STD
 from loaders.order import shard_indices
 from loaders.sampling import draw_train_sample
-from tests.cachefab import CLASS_COLOURS, blocky_cache, blocky_frame, write_cache
+from tests.cachefab import (CLASS_COLOURS, blocky_cache, blocky_frame, blocky_source,
+                            class_from_colour, epoch_batches, interior, write_cache)
 
 H, W = 256, 512
 N_TRAIN, N_VAL = 7, 5
@@ -41,14 +42,8 @@ def load(cache, split="train", *, train=True, batch_size=2, aug=GEOMETRY, worker
                         num_workers=workers, **kw)
 
 
-def epoch_batches(loader, epoch=0):
-    loader.set_epoch(epoch)
-    return list(loader)
-
-
 def source_frame(split, row):
-    """The stored (image, mask) of a blocky_cache row: row r holds the frame of seed base + r."""
-    return blocky_frame(H, W, seed=(0 if split == "train" else 1000) + row)
+    return blocky_source(split, row, H, W)
 
 
 def unnormalise(image: torch.Tensor) -> np.ndarray:
@@ -56,23 +51,6 @@ def unnormalise(image: torch.Tensor) -> np.ndarray:
     mean = torch.tensor(MEAN).view(3, 1, 1)
     std = torch.tensor(STD).view(3, 1, 1)
     return (image * std + mean).permute(1, 2, 0).numpy()
-
-
-def class_from_colour(image: torch.Tensor) -> np.ndarray:
-    pixels = unnormalise(image)
-    dist = ((pixels[:, :, None, :] - CLASS_COLOURS[None, None].astype(np.float32)) ** 2).sum(-1)
-    return dist.argmin(-1)
-
-
-def interior(mask: np.ndarray, radius: int) -> np.ndarray:
-    """Pixels whose (2r+1)^2 neighbourhood holds one label only (region borders eroded)."""
-    h, w = mask.shape
-    padded = np.pad(mask.astype(np.int32), radius, mode="edge")
-    same = np.ones_like(mask, dtype=bool)
-    for dy in range(2 * radius + 1):
-        for dx in range(2 * radius + 1):
-            same &= padded[dy:dy + h, dx:dx + w] == mask
-    return same
 
 
 def nearest(in_size: int, out_size: int) -> np.ndarray:

@@ -19,7 +19,8 @@ from loaders.contract import MEAN, STD
 from loaders.order import shard_indices
 from loaders.sampling import draw_train_sample
 from loaders.torch_loader import TorchLoader, nearest_indices, resize_image, resize_mask
-from tests.cachefab import CLASS_COLOURS, blocky_cache, blocky_frame, write_cache
+from tests.cachefab import (CLASS_COLOURS, blocky_cache, blocky_frame, blocky_source,
+                            class_from_colour, epoch_batches, interior, write_cache)
 
 H, W = 256, 512
 GEOMETRY = AugmentConfig(crop=(192, 320)).no_jitter()  # flips and the full 0.5-2.0 scale range
@@ -36,32 +37,8 @@ def load(cache, split="train", *, train=True, batch_size=2, aug=GEOMETRY, worker
                         num_workers=workers, **kw)
 
 
-def epoch_batches(loader, epoch=0):
-    loader.set_epoch(epoch)
-    return list(loader)
-
-
 def source_frame(split, row):
-    """The stored (image, mask) of a blocky_cache row: row r holds the frame of seed base + r."""
-    return blocky_frame(H, W, seed=(0 if split == "train" else 1000) + row)
-
-
-def class_from_colour(image: torch.Tensor) -> np.ndarray:
-    """(3, h, w) normalised image -> class of the nearest CLASS_COLOUR per pixel."""
-    pixels = denormalise(image[None])[0].permute(1, 2, 0).numpy()
-    dist = ((pixels[:, :, None, :] - CLASS_COLOURS[None, None].astype(np.float32)) ** 2).sum(-1)
-    return dist.argmin(-1)
-
-
-def interior(mask: np.ndarray, radius: int) -> np.ndarray:
-    """Pixels whose (2r+1)^2 neighbourhood holds one label only (region borders eroded)."""
-    h, w = mask.shape
-    padded = np.pad(mask.astype(np.int32), radius, mode="edge")
-    same = np.ones_like(mask, dtype=bool)
-    for dy in range(2 * radius + 1):
-        for dx in range(2 * radius + 1):
-            same &= padded[dy:dy + h, dx:dx + w] == mask
-    return same
+    return blocky_source(split, row, H, W)
 
 
 # -- colour ----------------------------------------------------------------------------------
