@@ -113,6 +113,15 @@ class Loader(Protocol):
     def set_epoch(self, epoch: int) -> None: ...
 
 
+def endless(loader: Loader, first_epoch: int = 0) -> Iterator[Batch]:
+    """Batches across epoch boundaries (set_epoch first_epoch, first_epoch + 1, ...)."""
+    epoch = first_epoch
+    while True:
+        loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
 def build_loader(cache: str | os.PathLike, split: str, kind: str = "dali", *, train: bool,
                  batch_size: int, aug: AugmentConfig | None = None,
                  device: str | torch.device = "cpu", seed: int = 0, rank: int = 0,

@@ -99,21 +99,15 @@ def make_loader(args, kind: str, device: str):
                         aug=aug, device=device, seed=0, num_workers=args.workers)
 
 
-def endless_batches(loader):
-    epoch = 0
-    while True:
-        loader.set_epoch(epoch)
-        yield from loader
-        epoch += 1
-
-
 def measure(args, kind: str, device: str) -> dict:
     import torch
+
+    from loaders.contract import endless
 
     started = time.perf_counter()
     loader = make_loader(args, kind, device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    batches = endless_batches(loader)
+    batches = endless(loader)
     warm_until = time.perf_counter() + args.warmup
     warm_batches = 0
     while warm_batches < 3 or time.perf_counter() < warm_until:

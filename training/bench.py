@@ -12,6 +12,7 @@ import time
 import torch
 
 from cache.format import UserError
+from loaders.contract import endless
 from training.builders import build_parts, build_split_loader, model_meta
 from training.config import TrainConfig
 from training.device import DistEnv, seed_everything, single_process, synchronize
@@ -35,15 +36,6 @@ class ReplayLoader:
     def __iter__(self):
         for _ in range(self.length):
             yield self.batch
-
-
-def endless(loader):
-    """Batches across epoch boundaries (set_epoch 0, 1, ...)."""
-    epoch = 0
-    while True:
-        loader.set_epoch(epoch)
-        yield from loader
-        epoch += 1
 
 
 class TimedTraining:
