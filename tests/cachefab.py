@@ -88,6 +88,31 @@ def interior(mask: np.ndarray, radius: int) -> np.ndarray:
     return same
 
 
+def centre_nearest(in_size: int, out_size: int) -> np.ndarray:
+    """Source index per output pixel of a nearest-neighbour resize (pixel centres)."""
+    return np.minimum(((np.arange(out_size) + 0.5) * in_size / out_size).astype(int), in_size - 1)
+
+
+def check_train_sample(image, mask: np.ndarray, p, frame_mask: np.ndarray) -> None:
+    """One augmented sample of a blocky frame against its drawn parameters `p`: padding only
+    bottom/right, image colours agree with the mask away from class borders, and the mask
+    is the source window resized (nearest) and flipped."""
+    valid = mask[:p.out_h, :p.out_w]
+    assert (valid != 255).all()
+    assert (mask[p.out_h:] == 255).all() and (mask[:, p.out_w:] == 255).all()
+    colour_class = class_from_colour(image)[:p.out_h, :p.out_w]
+    keep = interior(valid, radius=2)
+    assert keep.sum() > 0.3 * keep.size
+    assert np.array_equal(colour_class[keep], valid[keep])
+    ys = centre_nearest(p.h, p.out_h) + p.y
+    xs = centre_nearest(p.w, p.out_w) + p.x
+    expected = frame_mask[ys[:, None], xs[None, :]]
+    if p.flip:
+        expected = expected[:, ::-1]
+    # ties of the resize's float stepping may pick the neighbouring pixel on a few rows
+    assert np.mean(expected == valid) > 0.98
+
+
 def epoch_batches(loader, epoch: int = 0) -> list:
     loader.set_epoch(epoch)
     return list(loader)

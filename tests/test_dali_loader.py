@@ -18,7 +18,8 @@ from loaders.contract import MEAN, STD
 from loaders.order import shard_indices
 from loaders.sampling import draw_train_sample
 from tests.cachefab import (CLASS_COLOURS, blocky_cache, blocky_frame, blocky_source,
-                            class_from_colour, epoch_batches, interior, write_cache)
+                            centre_nearest, check_train_sample,
+                            epoch_batches, interior, write_cache)
 
 H, W = 256, 512
 N_TRAIN, N_VAL = 7, 5
@@ -53,11 +54,6 @@ def unnormalise(image: torch.Tensor) -> np.ndarray:
     return (image * std + mean).permute(1, 2, 0).numpy()
 
 
-def nearest(in_size: int, out_size: int) -> np.ndarray:
-    """Source index per output pixel of a nearest-neighbour resize (pixel centres)."""
-    return np.minimum(((np.arange(out_size) + 0.5) * in_size / out_size).astype(int), in_size - 1)
-
-
 # -- the import guard (needs no DALI) ---------------------------------------------------------
 def test_missing_dali_is_a_user_error(cache, monkeypatch):
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # `import nvidia.dali` now fails
@@ -88,22 +84,7 @@ def test_image_and_mask_agree_and_follow_the_source(cache, dali):
                 seen_noflip |= not p.flip
                 seen_up |= p.out_h > p.h
                 seen_down |= p.out_h < p.h
-                valid = mask[:p.out_h, :p.out_w]
-                assert (valid != 255).all()
-                assert (mask[p.out_h:] == 255).all() and (mask[:, p.out_w:] == 255).all()
-                # every image pixel away from class borders shows the class its mask says
-                colour_class = class_from_colour(image)[:p.out_h, :p.out_w]
-                keep = interior(valid, radius=2)
-                assert keep.sum() > 0.3 * keep.size
-                assert np.array_equal(colour_class[keep], valid[keep])
-                # and the mask is the drawn source window, resized, then flipped
-                _, frame_mask = source_frame("train", row)
-                ys = nearest(p.h, p.out_h) + p.y
-                xs = nearest(p.w, p.out_w) + p.x
-                expected = frame_mask[ys[:, None], xs[None, :]]
-                if p.flip:
-                    expected = expected[:, ::-1]
-                assert np.mean(expected == valid) > 0.98
+                check_train_sample(image, mask, p, source_frame("train", row)[1])
                 checked += 1
     assert seen_flip and seen_noflip and seen_up and seen_down and checked == 2 * 2 * 3
 
@@ -133,7 +114,7 @@ def test_padding_bottom_right_stays_zero_under_jitter(cache, dali, flip_prob):
         assert np.abs(pixels[128:]).max() < 1e-3 and np.abs(pixels[:, 256:]).max() < 1e-3
         assert (mask[128:] == 255).all() and (mask[:, 256:] == 255).all()
         _, frame_mask = source_frame("train", row)
-        expected = frame_mask[nearest(H, 128)[:, None], nearest(W, 256)[None, :]]
+        expected = frame_mask[centre_nearest(H, 128)[:, None], centre_nearest(W, 256)[None, :]]
         if flip_prob:
             expected = expected[:, ::-1]
         assert np.array_equal(mask[:128, :256].numpy(), expected)

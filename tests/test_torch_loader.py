@@ -20,7 +20,8 @@ from loaders.order import shard_indices
 from loaders.sampling import draw_train_sample
 from loaders.torch_loader import TorchLoader, nearest_indices, resize_image, resize_mask
 from tests.cachefab import (CLASS_COLOURS, blocky_cache, blocky_frame, blocky_source,
-                            class_from_colour, epoch_batches, interior, write_cache)
+                            check_train_sample, class_from_colour,
+                            epoch_batches, interior, write_cache)
 
 H, W = 256, 512
 GEOMETRY = AugmentConfig(crop=(192, 320)).no_jitter()  # flips and the full 0.5-2.0 scale range
@@ -179,23 +180,7 @@ def test_image_and_mask_agree_and_follow_the_source(cache):
                 seen_flip |= p.flip
                 seen_up |= p.out_h > p.h
                 seen_down |= p.out_h < p.h
-                valid = mask[:p.out_h, :p.out_w]
-                # padding only at the bottom/right, and only there
-                assert (valid != 255).all()
-                assert (mask[p.out_h:] == 255).all() and (mask[:, p.out_w:] == 255).all()
-                # every image pixel away from class borders shows the class its mask says
-                colour_class = class_from_colour(image)[:p.out_h, :p.out_w]
-                keep = interior(valid, radius=2)
-                assert keep.sum() > 0.3 * keep.size
-                assert np.array_equal(colour_class[keep], valid[keep])
-                # and the mask is the drawn source window, resized and flipped
-                _, frame_mask = source_frame("train", row)
-                ys = ((np.arange(p.out_h) + 0.5) * p.h / p.out_h).astype(int) + p.y
-                xs = ((np.arange(p.out_w) + 0.5) * p.w / p.out_w).astype(int) + p.x
-                expected = frame_mask[ys[:, None], xs[None, :]]
-                if p.flip:
-                    expected = expected[:, ::-1]
-                assert np.mean(expected == valid) > 0.98
+                check_train_sample(image, mask, p, source_frame("train", row)[1])
                 checked += 1
     assert seen_flip and seen_up and seen_down and checked == 3 * 6
 
