@@ -6,8 +6,8 @@ from cache.format import (
     IGNORE_INDEX,
     NUM_CLASSES,
     CacheError,
-    UserError,
 )
+from cache.errors import UserError
 from cache.reader import CacheReader
 
 __all__ = [

@@ -1,12 +1,16 @@
-"""How every command-line entry point reports a user's mistake: one line, no traceback."""
+"""A user's mistake and how every command reports it: one line, no traceback.
+
+Every layer (dataprep, cache, loaders, training) raises `UserError`; only the command-line
+entry points catch it, through `report_user_errors`. Nothing heavy is imported here.
+"""
 from __future__ import annotations
 
 import functools
 import sys
 
-import click
 
-from cache.format import UserError
+class UserError(Exception):
+    """A mistake in what the user gave us: shown as one line, exit status non-zero, no traceback."""
 
 
 def report_user_errors(interrupt_hint: str = "interrupted"):
@@ -18,10 +22,10 @@ def report_user_errors(interrupt_hint: str = "interrupted"):
             try:
                 return command(*args, **kwargs)
             except UserError as exc:
-                click.echo(f"error: {exc}", err=True)
+                print(f"error: {exc}", file=sys.stderr)
                 sys.exit(1)
             except KeyboardInterrupt:
-                click.echo(interrupt_hint, err=True)
+                print(interrupt_hint, file=sys.stderr)
                 sys.exit(130)
         return wrapper
     return decorate

@@ -12,6 +12,8 @@ Layout (Zarr v3; see DESIGN.md):
 """
 from __future__ import annotations
 
+from cache.errors import UserError
+
 FORMAT_NAME = "cityscapes-cache"
 FORMAT_VERSION = 1
 NUM_CLASSES = 19
@@ -37,10 +39,6 @@ ROOT_ATTRS = {
     "ignore_index": IGNORE_INDEX,
     "class_names": list(CLASS_NAMES),
 }
-
-
-class UserError(Exception):
-    """A mistake in what the user gave us: shown as one line, exit status non-zero, no traceback."""
 
 
 class CacheError(UserError):

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cache.format import UserError
+from cache.errors import UserError
 from cache.writer import SKIPPED_ATTR, CacheWriter, RowWriter, SplitPlan, Storage
 from dataprep.discover import Frame, discover, unlabelled_splits
 from dataprep.rasterize import BadFrame, load_polygons, render_trainids

@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from cache.format import UserError
+from cache.errors import UserError
 
 IMAGES_DIR = "leftImg8bit"
 FINE_DIR = "gtFine"

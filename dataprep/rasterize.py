@@ -27,7 +27,7 @@ import numpy as np
 from cityscapesscripts.helpers.labels import labels as _CS_LABELS
 from PIL import Image, ImageDraw
 
-from cache.format import UserError
+from cache.errors import UserError
 
 ENCODINGS = ("trainIds", "ids")
 

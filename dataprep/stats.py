@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cache.format import STATS_FILE, CacheError, UserError
+from cache.format import STATS_FILE, CacheError
+from cache.errors import UserError
 from cache.reader import CacheReader
 
 WEIGHT_METHODS = ("enet", "median_frequency", "inverse_sqrt")

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cache.format import UserError
+from cache.errors import UserError
 from dataprep.rasterize import Polygons, PolygonObject, render_label_image
 
 DEFAULT_CITIES = ("aachen", "bochum", "cologne", "darmstadt")

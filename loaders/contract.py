@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Iterator, NamedTuple, Protocol
 
 import torch
 
-from cache.format import UserError
+from cache.errors import UserError
 
 if TYPE_CHECKING:
     from cache.reader import SplitInfo

@@ -14,7 +14,7 @@ from typing import Iterator
 
 import torch
 
-from cache.format import UserError
+from cache.errors import UserError
 from cache.reader import CacheReader
 from loaders.contract import AugmentConfig, Batch, check_request
 from loaders.order import batch_count, shard_indices

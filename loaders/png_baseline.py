@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from cache.format import IGNORE_INDEX, UserError
+from cache.format import IGNORE_INDEX
+from cache.errors import UserError
 from loaders.contract import IMAGE_PAD, MASK_PAD, MEAN, STD, AugmentConfig, Batch
 from loaders.order import shard_indices
 from loaders.sampling import sample_rng

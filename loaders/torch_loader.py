@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
-from cache.format import UserError
+from cache.errors import UserError
 from cache.reader import CacheReader, SplitInfo
 from loaders.colour import colour_twist_, normalise_
 from loaders.contract import IMAGE_PAD, MASK_PAD, AugmentConfig, Batch, check_request

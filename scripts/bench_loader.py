@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cache.format import UserError  # noqa: E402
+from cache.errors import UserError  # noqa: E402
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 RSS_SAMPLE_SECONDS = 0.25

@@ -124,7 +124,7 @@ def test_image_and_mask_codecs_are_chosen_separately(small_tree, tmp_path, clean
 
 
 def test_storage_options_are_checked_and_named():
-    from cache.format import UserError
+    from cache.errors import UserError
 
     with pytest.raises(UserError, match="--codec: unknown codec 'gzip'"):
         Storage(codec="gzip")

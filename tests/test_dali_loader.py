@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from cache.format import UserError
+from cache.errors import UserError
 from loaders import AugmentConfig, build_loader
 from loaders.contract import MEAN, STD
 from loaders.order import shard_indices

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from cache.format import UserError
+from cache.errors import UserError
 from dataprep.discover import Frame, discover, polygon_dir, unlabelled_splits
 
 

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 from rich.console import Console
 
-from cache.format import CLASS_NAMES, UserError
+from cache.format import CLASS_NAMES
+from cache.errors import UserError
 from tests.cachefab import blocky_cache, blocky_frame, write_cache
 from training.evaluate import run_evaluate
 from training.export import labelid_to_trainid, trainid_to_labelid

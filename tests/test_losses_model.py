@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cache.format import UserError
+from cache.errors import UserError
 from training.checkpoint import (capture_rng, check_compatible, load_checkpoint, load_for_eval,
                                  restore_rng, save_checkpoint)
 from training.builders import build_optimizer, lr_factor

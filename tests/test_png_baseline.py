@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cache.format import UserError
+from cache.errors import UserError
 from dataprep.synth import write_synthetic_tree
 from loaders.colour import normalise
 from loaders.contract import AugmentConfig

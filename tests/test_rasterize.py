@@ -10,7 +10,8 @@ from cityscapesscripts.helpers.labels import trainId2label
 from cityscapesscripts.preparation.json2labelImg import json2labelImg
 from PIL import Image
 
-from cache.format import CLASS_NAMES, UserError
+from cache.format import CLASS_NAMES
+from cache.errors import UserError
 from dataprep.rasterize import BadFrame, Polygons, load_polygons, render_label_image, render_trainids
 
 H, W = 256, 512

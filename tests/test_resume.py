@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cache.format import UserError
+from cache.errors import UserError
 from tests.cachefab import blocky_cache
 from training.checkpoint import load_checkpoint
 from training.config import resolve_config

@@ -10,7 +10,7 @@ from cityscapesscripts.helpers.labels import id2label
 from cityscapesscripts.preparation.json2labelImg import json2labelImg
 from PIL import Image
 
-from cache.format import UserError
+from cache.errors import UserError
 from dataprep.discover import discover, unlabelled_splits
 from dataprep.rasterize import render_trainids
 from dataprep.synth import synthetic_frame, write_synthetic_tree

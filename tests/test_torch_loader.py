@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from cache.format import CacheError, UserError
+from cache.format import CacheError
+from cache.errors import UserError
 from loaders import AugmentConfig, build_loader
 from loaders.colour import colour_twist, denormalise, normalise
 from loaders.contract import MEAN, STD

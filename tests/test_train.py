@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from cache.format import UserError
+from cache.errors import UserError
 from tests.cachefab import blocky_cache
 from training.checkpoint import load_checkpoint, load_for_eval
 from training.config import resolve_config

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from cache.format import UserError
+from cache.errors import UserError
 from training.export import (
     LABELID_TO_TRAINID,
     TRAINID_TO_LABELID,

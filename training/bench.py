@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from cache.format import UserError
+from cache.errors import UserError
 from loaders.contract import endless
 from training.builders import build_parts, build_split_loader, model_meta
 from training.config import TrainConfig

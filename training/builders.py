@@ -8,7 +8,7 @@ import math
 import torch
 from torch import nn
 
-from cache.format import UserError
+from cache.errors import UserError
 from training.config import TrainConfig
 from training.device import DistEnv, autocast_context
 from training.engine import TrainingParts

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cache.format import UserError
+from cache.errors import UserError
 
 CHECKPOINT_FORMAT = "cityscapes-seg-checkpoint"
 CHECKPOINT_VERSION = 1

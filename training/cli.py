@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import click
 
-from cache.errors import report_user_errors
-from cache.format import UserError
+from cache.errors import UserError, report_user_errors
 
 user_errors = report_user_errors("interrupted; `train --out RUN --resume` continues from its last.pt")
 

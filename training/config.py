@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
-from cache.format import UserError
+from cache.errors import UserError
 from loaders.contract import LOADER_KINDS
 
 OPTIMIZERS = ("sgd", "adamw")

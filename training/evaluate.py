@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import torch
 
-from cache.format import UserError
+from cache.errors import UserError
 from cache.reader import CacheReader, SplitInfo
 from training.device import autocast_context, resolve_device, synchronize
 from training.export import PngWriter, frame_file_stem, prepare_export_dir

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from cache.format import UserError
+from cache.errors import UserError
 
 # "city/city_seq_frame": the city may not contain "_" (cityscapesscripts splits names on it).
 _FRAME_NAME = re.compile(r"^(?P<city>[^/_]+)/(?P=city)_(?P<seq>\d+)_(?P<frame>\d+)$")

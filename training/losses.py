@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cache.format import UserError
+from cache.errors import UserError
 
 LOSS_NAMES = ("ce", "focal", "dice")
 DEFAULT_WEIGHT_METHOD = "enet"

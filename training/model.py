@@ -11,7 +11,7 @@ import os
 
 from torch import nn
 
-from cache.format import UserError
+from cache.errors import UserError
 
 # Spellings people use for smp's architecture names (smp's own keys are the lowercase class names).
 ARCH_ALIASES = {"unet++": "unetplusplus", "deeplabv3+": "deeplabv3plus", "deeplab": "deeplabv3plus"}

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from cache.format import UserError
+from cache.errors import UserError
 from training.builders import build_parts, build_split_loader, model_meta
 from training.config import TrainConfig, save_config
 from training.device import (DistEnv, broadcast_buffers, init_distributed, seed_everything,
