@@ -10,6 +10,8 @@ import torch
 from cache.errors import UserError
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from cache.reader import SplitInfo
 
 # ImageNet statistics on the 0..255 scale: images are normalised as (x - MEAN) / STD.
@@ -89,8 +91,15 @@ class Batch(NamedTuple):
 
 
 def check_request(cache_path: str, info: "SplitInfo", *, train: bool, batch_size: int,
-                  aug: AugmentConfig, rank: int, world_size: int) -> None:
-    """Refuse loader arguments that cannot work, naming the option at fault (both kinds)."""
+                  aug: AugmentConfig, rank: int, world_size: int, rows=None) -> "np.ndarray":
+    """Refuse loader arguments that cannot work, naming the option at fault (both kinds).
+    Returns the cache rows the loader reads (all of the split, or the `rows` subset)."""
+    from loaders.order import split_rows
+
+    try:
+        chosen = split_rows(len(info), rows, source=f"rows of split {info.name!r}")
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     if batch_size < 1:
         raise UserError(f"batch size must be at least 1, got {batch_size}")
     if world_size < 1 or not 0 <= rank < world_size:
@@ -102,9 +111,10 @@ def check_request(cache_path: str, info: "SplitInfo", *, train: bool, batch_size
     if crop_h > MAX_CROP_TO_FRAME * info.height or crop_w > MAX_CROP_TO_FRAME * info.width:
         raise UserError(f"crop {crop_h}x{crop_w} is more than {MAX_CROP_TO_FRAME}x the frames of "
                         f"split {info.name!r} ({info.height}x{info.width}); choose a smaller crop")
-    if train and len(info) // world_size < batch_size:
-        raise UserError(f"split {info.name!r} has {len(info)} frames: too few for one training "
-                        f"batch of {batch_size} on each of {world_size} rank(s)")
+    if train and len(chosen) // world_size < batch_size:
+        raise UserError(f"split {info.name!r} has {len(chosen)} frames to train on: too few for "
+                        f"one training batch of {batch_size} on each of {world_size} rank(s)")
+    return chosen
 
 
 class Loader(Protocol):
@@ -125,9 +135,11 @@ def endless(loader: Loader, first_epoch: int = 0) -> Iterator[Batch]:
 def build_loader(cache: str | os.PathLike, split: str, kind: str = "dali", *, train: bool,
                  batch_size: int, aug: AugmentConfig | None = None,
                  device: str | torch.device = "cpu", seed: int = 0, rank: int = 0,
-                 world_size: int = 1, num_workers: int | None = None) -> Loader:
+                 world_size: int = 1, num_workers: int | None = None, rows=None) -> Loader:
     """The one factory for loaders. kind="dali" runs augmentation in DALI (GPU operators when
-    `device` is CUDA, DALI's CPU-only mode otherwise); kind="torch" uses DataLoader workers."""
+    `device` is CUDA, DALI's CPU-only mode otherwise); kind="torch" uses DataLoader workers.
+    `rows`: the cache rows of the split to read (e.g. one cross-validation fold); all by default.
+    Order, sharding and batching then run over these rows as they would over a whole split."""
     aug = aug or AugmentConfig()
     if kind == "torch":
         from loaders.torch_loader import TorchLoader as impl
@@ -137,4 +149,4 @@ def build_loader(cache: str | os.PathLike, split: str, kind: str = "dali", *, tr
         raise UserError(f"unknown loader kind {kind!r}; choose one of: {', '.join(LOADER_KINDS)}")
     return impl(cache, split, train=train, batch_size=batch_size, aug=aug,
                 device=torch.device(device), seed=seed, rank=rank, world_size=world_size,
-                num_workers=num_workers)
+                num_workers=num_workers, rows=rows)

@@ -60,7 +60,7 @@ class DaliLoader:
     def __init__(self, cache, split: str, *, train: bool, batch_size: int, aug: AugmentConfig,
                  device: torch.device, seed: int = 0, rank: int = 0, world_size: int = 1,
                  num_workers: int | None = None, num_threads: int | None = None,
-                 py_start_method: str | None = None):
+                 py_start_method: str | None = None, rows=None):
         require_dali()
         self.device_id = _dali_device_id(torch.device(device))
         self.device = (torch.device("cpu") if self.device_id is None
@@ -68,8 +68,8 @@ class DaliLoader:
         self.reader = CacheReader(cache)
         self.info = self.reader.split(split)
         # One set of refusals for both kinds (batch size, rank, masks, crop size, frames).
-        check_request(self.reader.path, self.info, train=train, batch_size=batch_size, aug=aug,
-                      rank=rank, world_size=world_size)
+        self.rows = check_request(self.reader.path, self.info, train=train, batch_size=batch_size,
+                                  aug=aug, rank=rank, world_size=world_size, rows=rows)
         if num_workers is not None and num_workers < 0:
             raise UserError(f"number of loader workers must be >= 0, got {num_workers}")
         self.split, self.train, self.batch_size, self.aug = split, train, batch_size, aug
@@ -79,9 +79,9 @@ class DaliLoader:
         self.num_threads = threads if num_threads is None else num_threads
         # fork is fast, but unsafe once CUDA is initialised in this process; spawn is safe.
         self.py_start_method = py_start_method or ("spawn" if self.device_id is not None else "fork")
-        self.samples_per_rank = len(shard_indices(len(self.info), seed=seed, epoch=0, rank=rank,
+        self.samples_per_rank = len(shard_indices(len(self.rows), seed=seed, epoch=0, rank=rank,
                                                   world_size=world_size, train=train))
-        self._len = batch_count(len(self.info), batch_size=batch_size, rank=rank,
+        self._len = batch_count(len(self.rows), batch_size=batch_size, rank=rank,
                                 world_size=world_size, train=train)
         self._epoch = 0
         self._pipe = self._dali_iter = None
@@ -138,7 +138,7 @@ class DaliLoader:
         started = time.perf_counter()
         source = WindowSource(self.reader, self.split, train=self.train, aug=self.aug,
                               batch_size=self.batch_size, seed=self.seed, first_epoch=first_epoch,
-                              rank=self.rank, world_size=self.world_size)
+                              rank=self.rank, world_size=self.world_size, rows=self.rows)
         self._pipe = build_pipeline(source, batch_size=self.batch_size, device_id=self.device_id,
                                     num_threads=self.num_threads, py_num_workers=self.num_workers,
                                     py_start_method=self.py_start_method)

@@ -37,12 +37,16 @@ class WindowSource:
     """
 
     def __init__(self, cache: CacheReader, split: str, *, train: bool, aug: AugmentConfig,
-                 batch_size: int, seed: int, first_epoch: int, rank: int, world_size: int):
+                 batch_size: int, seed: int, first_epoch: int, rank: int, world_size: int,
+                 rows=None):
+        from loaders.order import split_rows
+
         info = cache.split(split)
         self.cache, self.split, self.train, self.aug = cache, split, train, aug
         self.seed, self.first_epoch, self.rank, self.world_size = seed, first_epoch, rank, world_size
         self.frame_hw = (info.height, info.width)
-        self.num_frames = len(info)
+        self.rows = split_rows(len(info), rows)   # the cache rows this source reads
+        self.num_frames = len(self.rows)
         self.has_masks = info.has_masks
         self.batches_per_epoch = batch_count(self.num_frames, batch_size=batch_size, rank=rank,
                                              world_size=world_size, train=train)
@@ -56,9 +60,9 @@ class WindowSource:
 
     def order(self, epoch: int) -> np.ndarray:
         if epoch not in self._orders:
-            self._orders = {epoch: shard_indices(self.num_frames, seed=self.seed, epoch=epoch,
-                                                 rank=self.rank, world_size=self.world_size,
-                                                 train=self.train)}
+            self._orders = {epoch: self.rows[shard_indices(
+                self.num_frames, seed=self.seed, epoch=epoch, rank=self.rank,
+                world_size=self.world_size, train=self.train)]}
         return self._orders[epoch]
 
     def sample_params(self, sample_index: int) -> SampleParams:

@@ -30,6 +30,23 @@ def shard_indices(n: int, *, seed: int, epoch: int, rank: int = 0, world_size: i
     return perm[:usable][rank::world_size]
 
 
+def split_rows(frames: int, rows=None, *, source: str = "rows") -> np.ndarray:
+    """The cache rows a loader reads: all `frames` rows of the split, or the given subset
+    (e.g. one fold), checked and in the given order. Sample order then permutes positions in
+    this array, so a subset is shuffled, sharded and batched like a whole split."""
+    if rows is None:
+        return np.arange(frames, dtype=np.int64)
+    chosen = np.asarray(rows, dtype=np.int64).reshape(-1)
+    if chosen.size == 0:
+        raise ValueError(f"{source}: empty")
+    if chosen.min() < 0 or chosen.max() >= frames:
+        raise ValueError(f"{source}: row {int(chosen.max() if chosen.max() >= frames else chosen.min())} "
+                         f"is not in a split of {frames} frames")
+    if len(np.unique(chosen)) != chosen.size:
+        raise ValueError(f"{source}: rows repeat")
+    return chosen
+
+
 def batch_count(n: int, *, batch_size: int, rank: int = 0, world_size: int = 1,
                 train: bool = True) -> int:
     """Batches this rank yields per epoch (train drops the last incomplete batch)."""

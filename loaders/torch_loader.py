@@ -181,17 +181,18 @@ class EpochBatches(Sampler):
     while a new epoch starts; `TorchLoader` cuts it into epochs of `len()` batches.
     """
 
-    def __init__(self, frames: int, *, batch_size: int, seed: int, rank: int,
+    def __init__(self, rows: np.ndarray, *, batch_size: int, seed: int, rank: int,
                  world_size: int, train: bool):
-        self.frames, self.batch_size, self.seed = frames, batch_size, seed
+        self.rows, self.frames = rows, len(rows)
+        self.batch_size, self.seed = batch_size, seed
         self.rank, self.world_size, self.train = rank, world_size, train
         self.first_epoch = 0
-        self.per_epoch = batch_count(frames, batch_size=batch_size, rank=rank,
+        self.per_epoch = batch_count(self.frames, batch_size=batch_size, rank=rank,
                                      world_size=world_size, train=train)
 
     def epoch_batches(self, epoch: int) -> list[tuple[int, tuple[int, ...]]]:
-        order = shard_indices(self.frames, seed=self.seed, epoch=epoch, rank=self.rank,
-                              world_size=self.world_size, train=self.train)
+        order = self.rows[shard_indices(self.frames, seed=self.seed, epoch=epoch, rank=self.rank,
+                                        world_size=self.world_size, train=self.train)]
         return [(epoch, tuple(int(r) for r in order[start:start + self.batch_size]))
                 for start in range(0, self.per_epoch * self.batch_size, self.batch_size)]
 
@@ -258,11 +259,11 @@ class TorchLoader:
 
     def __init__(self, cache: str | os.PathLike, split: str, *, train: bool, batch_size: int,
                  aug: AugmentConfig, device: str | torch.device = "cpu", seed: int = 0,
-                 rank: int = 0, world_size: int = 1, num_workers: int | None = None):
+                 rank: int = 0, world_size: int = 1, num_workers: int | None = None, rows=None):
         self.reader = CacheReader(cache)
         self.info = self.reader.split(split)
-        check_request(self.reader.path, self.info, train=train, batch_size=batch_size, aug=aug,
-                      rank=rank, world_size=world_size)
+        self.rows = check_request(self.reader.path, self.info, train=train, batch_size=batch_size,
+                                  aug=aug, rank=rank, world_size=world_size, rows=rows)
         if num_workers is None:
             num_workers = default_num_workers()
         if num_workers < 0:
@@ -273,7 +274,7 @@ class TorchLoader:
                             "use the cpu device instead")
         self.train, self.aug, self.epoch = train, aug, 0
         self.jitter = train and any((aug.brightness, aug.contrast, aug.saturation, aug.hue))
-        self.batches = EpochBatches(len(self.info), batch_size=batch_size, seed=seed, rank=rank,
+        self.batches = EpochBatches(self.rows, batch_size=batch_size, seed=seed, rank=rank,
                                     world_size=world_size, train=train)
         # On a CPU device the workers are the device: they finish the batches themselves, in
         # parallel, so the main process (which runs the model there) does no per-pixel work.
