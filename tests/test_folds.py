@@ -1,7 +1,6 @@
 """K folds grouped by city: deterministic, disjoint, covering, balanced; fold.json."""
 from __future__ import annotations
 
-
 import pytest
 
 from cache.errors import UserError
