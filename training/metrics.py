@@ -12,8 +12,11 @@ for the same predictions written as labelIds (tests/test_metrics.py runs the off
   null, so results stay valid JSON) and leave it out of the mean the same way.
 - Category IoU merges the classes of each Cityscapes category ("flat", "vehicle", ...) before
   taking the IoU; the all-ignored category "void" has no score.
-- Pixel accuracy = correct / counted pixels (the official script's own pixel accuracy is off by
-  default and, in 2.3.0, inverts its ignore mask, so we do not copy it).
+- Pixel accuracy (aAcc) = correct / counted pixels (the official script's own pixel accuracy is
+  off by default and, in 2.3.0, inverts its ignore mask, so we do not copy it).
+- Class accuracy = TP / ground-truth pixels of the class (a void prediction counts as a miss);
+  None for a class absent from the ground truth. Mean accuracy (mAcc) is their mean over the
+  classes present in the ground truth, as mmsegmentation's `mAcc`.
 """
 from __future__ import annotations
 
@@ -108,12 +111,17 @@ class ConfusionMatrix:
         fn = counts.sum(1) - tp
         fp = square.sum(0) - tp
         class_iou = dict(zip(class_names, _iou(tp, fp, fn)))
+        gt_pixels = counts.sum(1)
+        class_accuracy = {name: (None if g == 0 else t / g) for name, t, g in
+                          zip(class_names, tp.tolist(), gt_pixels.tolist())}
         total = counts.sum().item()
         category_iou = self._category_iou(counts, class_names)
         return {
             "miou": _mean(class_iou.values()),
             "class_iou": class_iou,
             "pixel_accuracy": tp.sum().item() / total if total else None,
+            "class_accuracy": class_accuracy,
+            "mean_accuracy": _mean(class_accuracy.values()),
             "category_iou": category_iou,
             "category_miou": _mean(category_iou.values()),
             "pixels": int(total),
