@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +17,8 @@ from training.builders import build_optimizer, lr_factor
 from training.config import resolve_config
 from training.losses import (CrossEntropy, DiceLoss, FocalLoss, build_loss, load_class_weights,
                              parse_loss_spec, split_weights_spec)
-from training.model import build_model, canonical_arch, check_input_size
+from training.model import (build_model, canonical_arch, check_input_size,
+                            hub_unreachable_reason, nearest_multiple)
 
 IGNORE = 255
 
@@ -139,13 +141,123 @@ def test_a_crop_the_model_cannot_take_is_refused_with_one_that_it_can():
     fpn = build_model("fpn", "resnet18", 19)
     check_input_size(fpn, (64, 96))
     with pytest.raises(UserError, match=r"--res 60x100: FPN needs a height and width divisible "
-                                        r"by 32; try --res 64x128"):
+                                        r"by 32; try --res 64x96 \(or --res 64x128\)$"):
         check_input_size(fpn, (60, 100))
+    with pytest.raises(UserError, match=r"--res 641: FPN .* try --res 640 \(or --res 672\)$"):
+        check_input_size(fpn, (641, 641))          # the nearest size first, then the next up
+    with pytest.raises(UserError, match=r"--res 670: FPN .* try --res 672$"):
+        check_input_size(fpn, (670, 670))          # nearest is the next one up: said once
+    with pytest.raises(UserError, match=r"--res 10x40: FPN .* try --res 32 \(or --res 32x64\)$"):
+        check_input_size(fpn, (10, 40))            # never below one stride
     with pytest.raises(RuntimeError, match="divisible by 32"):     # what it spares the user
         fpn(torch.zeros(1, 3, 60, 100))
     unet = build_model("unet", "resnet18", 19, encoder_depth=3, decoder_channels=(16, 8, 8))
     check_input_size(unet, (60, 100))       # Unet resizes its skips: any size works
     assert unet(torch.zeros(1, 3, 60, 100)).shape[-2:] == (60, 100)
+
+
+def test_nearest_multiple():
+    assert [nearest_multiple(n, 32) for n in (641, 656, 671, 1, 16, 47, 48)] == \
+        [640, 672, 672, 32, 32, 32, 64]
+
+
+@pytest.fixture
+def hub_at_a_closed_port(tmp_path, monkeypatch):
+    """The hub's endpoint on a local port nobody listens on (refused at once, no network used),
+    an empty hub cache, and any backoff sleep of huggingface_hub turned into a test failure."""
+    import socket
+
+    from huggingface_hub import constants
+    from huggingface_hub.utils import _http
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+
+    sleeps = []
+
+    def no_backoff(seconds):
+        sleeps.append(seconds)
+        raise AssertionError(f"huggingface_hub retried (sleep {seconds} s)")
+
+    monkeypatch.setattr(_http.time, "sleep", no_backoff)
+    return port, sleeps
+
+
+def test_unreachable_hub_fails_at_once_without_retries(hub_at_a_closed_port):
+    import time
+
+    start = time.perf_counter()
+    with pytest.raises(UserError) as caught:
+        build_model("unet", "resnet18", 19, "imagenet", encoder_depth=3,
+                    decoder_channels=(8, 8, 8))
+    seconds = time.perf_counter() - start
+    port, sleeps = hub_at_a_closed_port
+    message = str(caught.value)
+    assert sleeps == [], "huggingface_hub took its retry path"
+    assert message.startswith("--encoder-weights imagenet: cannot get the imagenet weights of "
+                              f"encoder 'resnet18' (cannot reach 127.0.0.1:{port}")
+    assert "--encoder-weights none" in message and "not cached under" in message
+    assert seconds < 15, f"{seconds:.1f} s: the hub's retries were not avoided"   # retries: ~25 s
+
+
+def test_unreachable_hub_still_loads_cached_weights(hub_at_a_closed_port):
+    import segmentation_models_pytorch as smp
+    from huggingface_hub import constants
+    from safetensors.torch import save_file
+
+    settings = smp.encoders.encoders["resnet18"]["pretrained_settings"]["imagenet"]
+    repo = "models--" + settings["repo_id"].replace("/", "--")
+    snapshot = Path(constants.HF_HUB_CACHE) / repo / "snapshots" / settings["revision"]
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    torch.manual_seed(5)
+    weights = smp.encoders.get_encoder("resnet18", weights=None).state_dict()
+    save_file(weights, snapshot / "model.safetensors")
+    model = build_model("unet", "resnet18", 19, "imagenet")
+    loaded = model.encoder.state_dict()
+    assert all(torch.equal(loaded[name], weights[name]) for name in weights)
+    assert not constants.HF_HUB_OFFLINE        # offline only for the build
+
+
+def test_hub_probe_gives_up_on_a_hanging_connect(monkeypatch):
+    import threading
+    import time
+
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    release = threading.Event()
+    class Hanging:                 # a connect that answers only when the test is over
+        def __init__(self, *args, **kwargs):
+            release.wait(30)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr("socket.create_connection", Hanging)
+    start = time.perf_counter()
+    reason = hub_unreachable_reason(timeout=0.2)
+    release.set()
+    assert reason.endswith("(no answer within 0.2 s)") and time.perf_counter() - start < 2
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert hub_unreachable_reason() == "HF_HUB_OFFLINE is set"
+
+
+def test_reachable_hub_is_not_probed_offline(monkeypatch):
+    import socket
+
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+        assert hub_unreachable_reason() is None
 
 
 # -- schedule and optimiser --------------------------------------------------------------------

@@ -1,13 +1,20 @@
 """The model factory: any segmentation_models_pytorch architecture by name, offline-safe.
 
 smp downloads ImageNet encoder weights from the Hugging Face hub (timm `tu-` encoders too) on
-first use. Without network and without the weights in the local cache that fails deep in
-huggingface_hub with a generic message; we turn it into a UserError that names the cause and
-the way out (`--encoder-weights none`).
+first use. Without network huggingface_hub retries each request five times with exponential
+backoff (about 25 s) and then fails with a generic message. So before building a model that
+wants weights we probe the hub with one short TCP connect; if it cannot be reached, the build
+runs in the hub's offline mode (weights already in the local cache still load; missing ones
+fail at once), and the failure becomes a UserError that names the cause and the way out
+(`--encoder-weights none`).
 """
 from __future__ import annotations
 
 import os
+import socket
+import threading
+from contextlib import contextmanager, nullcontext
+from urllib.parse import urlsplit
 
 from torch import nn
 
@@ -16,8 +23,10 @@ from cache.errors import UserError
 # Spellings people use for smp's architecture names (smp's own keys are the lowercase class names).
 ARCH_ALIASES = {"unet++": "unetplusplus", "deeplabv3+": "deeplabv3plus", "deeplab": "deeplabv3plus"}
 
+HUB_PROBE_TIMEOUT_S = 2.0   # a reachable hub answers a TCP connect in well under a second
+
 # Modules whose exceptions mean "could not fetch the weights" (the hub, HTTP clients, urllib).
-_DOWNLOAD_ERROR_MODULES = ("huggingface_hub", "httpx", "requests", "urllib3", "urllib")
+_DOWNLOAD_ERROR_MODULES = ("huggingface_hub", "httpx", "httpx2", "requests", "urllib3", "urllib")
 
 
 def architectures() -> dict[str, type]:
@@ -47,15 +56,56 @@ def _is_download_error(exc: BaseException) -> bool:
     return False
 
 
-def _download_error(encoder: str, weights: str, exc: BaseException) -> UserError:
-    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-    cause = "HF_HUB_OFFLINE is set" if offline else "no network"
-    cache = os.environ.get("HF_HOME") or os.path.expanduser("~/.cache/huggingface")
+def _download_error(encoder: str, weights: str, exc: BaseException, cause: str) -> UserError:
+    from huggingface_hub import constants
+
     detail = str(exc).splitlines()[0].split(". ")[0][:160] if str(exc) else "no detail"
     return UserError(
         f"--encoder-weights {weights}: cannot get the {weights} weights of encoder {encoder!r} "
-        f"({cause} and they are not cached under {cache}: {type(exc).__name__}: {detail}); "
+        f"({cause} and they are not cached under {constants.HF_HUB_CACHE}: {type(exc).__name__}: {detail}); "
         "train from scratch with --encoder-weights none, or fetch them once with network access")
+
+
+def hub_unreachable_reason(timeout: float = HUB_PROBE_TIMEOUT_S) -> str | None:
+    """None when the Hugging Face hub accepts a TCP connection within `timeout` seconds, else
+    why not ("HF_HUB_OFFLINE is set", "cannot reach huggingface.co:443 (...)"). The lookup and
+    connect run in a daemon thread, because a hanging DNS lookup ignores socket timeouts."""
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
+        return "HF_HUB_OFFLINE is set"
+    url = urlsplit(constants.ENDPOINT)
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    outcome: list[str | None] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            outcome.append(None)
+        except OSError as exc:
+            outcome.append(f"{type(exc).__name__}: {exc}")
+
+    probe = threading.Thread(target=connect, daemon=True)
+    probe.start()
+    probe.join(timeout)
+    if outcome and outcome[0] is None:
+        return None
+    why = outcome[0] if outcome else f"no answer within {timeout:g} s"
+    return f"cannot reach {host}:{port} ({why})"
+
+
+@contextmanager
+def hub_offline():
+    """The hub's own offline mode for the duration: cached files load, nothing is requested.
+    huggingface_hub reads HF_HUB_OFFLINE once at import; is_offline_mode() reads this copy."""
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
 
 
 def build_model(arch: str, encoder: str, num_classes: int, encoder_weights: str | None = None,
@@ -70,9 +120,11 @@ def build_model(arch: str, encoder: str, num_classes: int, encoder_weights: str 
     requested = encoder_weights
     if encoder.startswith("tu-") and encoder_weights is not None:
         encoder_weights = True  # timm encoders take a flag; the tag lives in the encoder name
+    offline = hub_unreachable_reason() if encoder_weights is not None else None
     try:
-        return smp.create_model(key, encoder_name=encoder, encoder_weights=encoder_weights,
-                                in_channels=3, classes=int(num_classes), **kw)
+        with hub_offline() if offline else nullcontext():
+            return smp.create_model(key, encoder_name=encoder, encoder_weights=encoder_weights,
+                                    in_channels=3, classes=int(num_classes), **kw)
     except UserError:
         raise
     except KeyError as exc:
@@ -86,7 +138,7 @@ def build_model(arch: str, encoder: str, num_classes: int, encoder_weights: str 
                         "tu-convnext_tiny)") from None
     except Exception as exc:
         if encoder_weights is not None and _is_download_error(exc):
-            raise _download_error(encoder, str(requested), exc) from None
+            raise _download_error(encoder, str(requested), exc, offline or "no network") from None
         if isinstance(exc, (ValueError, TypeError, AssertionError, RuntimeError)):
             raise UserError(f"--arch {arch} --encoder {encoder}: smp cannot build this model "
                             f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
@@ -102,6 +154,11 @@ def input_divisor(model: nn.Module) -> int:
     return int(stride) if isinstance(stride, int) and stride > 0 else 1
 
 
+def nearest_multiple(size: int, divisor: int) -> int:
+    """The multiple of `divisor` closest to `size` (ties go up; never below `divisor`)."""
+    return max(divisor, (size + divisor // 2) // divisor * divisor)
+
+
 def check_input_size(model: nn.Module, input_hw: tuple[int, int]) -> None:
     """Refuse a training crop the model cannot take: most smp models raise a RuntimeError
     mid-forward unless height and width are multiples of the encoder's output stride."""
@@ -110,9 +167,14 @@ def check_input_size(model: nn.Module, input_hw: tuple[int, int]) -> None:
     divisor = input_divisor(model)
     h, w = input_hw
     if h % divisor or w % divisor:
-        fit = f"{-(-h // divisor) * divisor}x{-(-w // divisor) * divisor}"
-        raise UserError(f"--res {h}x{w}: {type(model).__name__} needs a height and width "
-                        f"divisible by {divisor}; try --res {fit}")
+        def res(height: int, width: int) -> str:
+            return str(height) if height == width else f"{height}x{width}"
+
+        nearest = res(nearest_multiple(h, divisor), nearest_multiple(w, divisor))
+        up = res(-(-h // divisor) * divisor, -(-w // divisor) * divisor)
+        also = f" (or --res {up})" if up != nearest else ""
+        raise UserError(f"--res {res(h, w)}: {type(model).__name__} needs a height and width "
+                        f"divisible by {divisor}; try --res {nearest}{also}")
 
 
 def convert_sync_batchnorm(model: nn.Module) -> nn.Module:
