@@ -78,8 +78,10 @@ class AugmentConfig:
 
 
 class Batch(NamedTuple):
-    """image float32 (B, 3, h, w) normalised; mask int64 (B, h, w), 255 = ignore, or None
-    for a split without masks; rows int64 (B,) the cache rows; all on the loader's device.
+    """image float32 (B, 3, h, w) normalised, on the loader's device (in channels_last memory
+    format when the loader was built with channels_last=True); mask int64 (B, h, w) on the
+    loader's device, 255 = ignore, or None for a split without masks; rows int64 (B,) the cache
+    rows, always on the host (bookkeeping never waits for the device).
 
     Evaluation batches (train=False) hold whole frames: the image resized by
     `AugmentConfig.eval_scale`, the mask at the stored resolution (never resized), so that
@@ -117,10 +119,23 @@ def check_request(cache_path: str, info: "SplitInfo", *, train: bool, batch_size
     return chosen
 
 
+def cores_per_rank() -> int:
+    """The cores this process may use for loading: its CPU affinity, shared among the local
+    ranks of a torchrun job (LOCAL_WORLD_SIZE), so that 8 ranks on 16 cores do not each start
+    workers for all 16."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(1, cores // local_ranks)
+
+
 class Loader(Protocol):
     def __len__(self) -> int: ...
     def __iter__(self) -> Iterator[Batch]: ...
     def set_epoch(self, epoch: int) -> None: ...
+    def limit_epochs(self, batches: int) -> None: ...
 
 
 def endless(loader: Loader, first_epoch: int = 0) -> Iterator[Batch]:
@@ -135,11 +150,14 @@ def endless(loader: Loader, first_epoch: int = 0) -> Iterator[Batch]:
 def build_loader(cache: str | os.PathLike, split: str, kind: str = "dali", *, train: bool,
                  batch_size: int, aug: AugmentConfig | None = None,
                  device: str | torch.device = "cpu", seed: int = 0, rank: int = 0,
-                 world_size: int = 1, num_workers: int | None = None, rows=None) -> Loader:
+                 world_size: int = 1, num_workers: int | None = None, rows=None,
+                 channels_last: bool = False) -> Loader:
     """The one factory for loaders. kind="dali" runs augmentation in DALI (GPU operators when
     `device` is CUDA, DALI's CPU-only mode otherwise); kind="torch" uses DataLoader workers.
     `rows`: the cache rows of the split to read (e.g. one cross-validation fold); all by default.
-    Order, sharding and batching then run over these rows as they would over a whole split."""
+    Order, sharding and batching then run over these rows as they would over a whole split.
+    `channels_last`: hand images in channels_last memory format (what convolutions on a GPU
+    prefer; free for both kinds, whose pixels are channels-last until then)."""
     aug = aug or AugmentConfig()
     if kind == "torch":
         from loaders.torch_loader import TorchLoader as impl
@@ -149,4 +167,4 @@ def build_loader(cache: str | os.PathLike, split: str, kind: str = "dali", *, tr
         raise UserError(f"unknown loader kind {kind!r}; choose one of: {', '.join(LOADER_KINDS)}")
     return impl(cache, split, train=train, batch_size=batch_size, aug=aug,
                 device=torch.device(device), seed=seed, rank=rank, world_size=world_size,
-                num_workers=num_workers, rows=rows)
+                num_workers=num_workers, rows=rows, channels_last=channels_last)

@@ -8,21 +8,16 @@ iterating the same training epoch twice) rebuilds the pipeline at the requested 
 """
 from __future__ import annotations
 
-import os
-import time
 from typing import Iterator
 
 import torch
 
 from cache.errors import UserError
 from cache.reader import CacheReader
-from loaders.contract import AugmentConfig, Batch, check_request
+from loaders.contract import AugmentConfig, Batch, check_request, cores_per_rank
 from loaders.order import batch_count, shard_indices
 
 DALI_MISSING = "DALI is not installed (nvidia-dali-cuda130, Linux x86-64 only); use --loader torch"
-# cudaMemGetInfo is sampled over the first batches after a build only: the pools have
-# reached their steady size by then, and a training loop should not pay for it later.
-MEMORY_SAMPLED_BATCHES = 32
 
 
 def require_dali() -> None:
@@ -43,12 +38,10 @@ def default_workers(device: torch.device) -> tuple[int, int]:
     on 2 cores: 2 workers cost ~150 MB more PSS and ~0.5 ms more CPU per image than 1, at
     the same images/s). One DALI thread per core keeps the operators on every core. On a
     GPU the DALI threads only feed and launch kernels, so the cores go to the source
-    workers, less one for the training loop.
+    workers, less one for the training loop. Under torchrun the machine's cores are shared
+    among its local ranks.
     """
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
+    cores = cores_per_rank()
     if device.type == "cuda":
         return max(1, min(cores - 1, 8)), 2
     return max(1, min(-(-cores // 3), 8)), max(1, min(cores, 8))
@@ -60,7 +53,7 @@ class DaliLoader:
     def __init__(self, cache, split: str, *, train: bool, batch_size: int, aug: AugmentConfig,
                  device: torch.device, seed: int = 0, rank: int = 0, world_size: int = 1,
                  num_workers: int | None = None, num_threads: int | None = None,
-                 py_start_method: str | None = None, rows=None):
+                 py_start_method: str | None = None, rows=None, channels_last: bool = False):
         require_dali()
         self.device_id = _dali_device_id(torch.device(device))
         self.device = (torch.device("cpu") if self.device_id is None
@@ -74,11 +67,11 @@ class DaliLoader:
             raise UserError(f"number of loader workers must be >= 0, got {num_workers}")
         self.split, self.train, self.batch_size, self.aug = split, train, batch_size, aug
         self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.channels_last = channels_last
         workers, threads = default_workers(self.device)
         self.num_workers = workers if num_workers is None else num_workers
         self.num_threads = threads if num_threads is None else num_threads
-        # fork is fast, but unsafe once CUDA is initialised in this process; spawn is safe.
-        self.py_start_method = py_start_method or ("spawn" if self.device_id is not None else "fork")
+        self.py_start_method = py_start_method or source_start_method(self.device_id)
         self.samples_per_rank = len(shard_indices(len(self.rows), seed=seed, epoch=0, rank=rank,
                                                   world_size=world_size, train=train))
         self._len = batch_count(len(self.rows), batch_size=batch_size, rank=rank,
@@ -88,9 +81,6 @@ class DaliLoader:
         self._first_epoch = 0
         self._position = 0             # batches consumed from the current pipeline's stream
         self._active = None            # token of the iteration in progress
-        self.build_seconds: list[float] = []
-        self._gpu_baseline = self._gpu_peak = None
-        self._sampled = 0
 
     # -- the Loader protocol ---------------------------------------------------
     def __len__(self) -> int:
@@ -98,6 +88,16 @@ class DaliLoader:
 
     def set_epoch(self, epoch: int) -> None:
         self._epoch = int(epoch)
+
+    def limit_epochs(self, batches: int) -> None:
+        """Make every epoch its first `batches` batches (a training run that consumes fewer
+        than len() per epoch: --limit, or --grad-accum not dividing len()), so that the
+        pipeline's stream runs on into the next epoch instead of being rebuilt. Call before
+        iterating."""
+        if self._pipe is not None:
+            raise RuntimeError("limit_epochs must be called before the loader is iterated")
+        self._len = max(1, min(self._len, int(batches)))
+        self.samples_per_rank = min(self.samples_per_rank, self._len * self.batch_size)
 
     def __iter__(self) -> Iterator[Batch]:
         if self._len == 0:
@@ -110,7 +110,6 @@ class DaliLoader:
                                    "an older one cannot continue")
             outputs = next(self._dali_iter)[0]
             self._position += 1
-            self._sample_gpu_memory()
             valid = min(self.batch_size, self.samples_per_rank - index * self.batch_size)
             yield self._to_batch(outputs, valid)
 
@@ -133,21 +132,19 @@ class DaliLoader:
 
         from loaders.dali_pipeline import WindowSource, build_pipeline
 
-        if self.device_id is not None and self._gpu_baseline is None:
-            self._gpu_baseline = _gpu_used_bytes(self.device)
-        started = time.perf_counter()
         source = WindowSource(self.reader, self.split, train=self.train, aug=self.aug,
                               batch_size=self.batch_size, seed=self.seed, first_epoch=first_epoch,
-                              rank=self.rank, world_size=self.world_size, rows=self.rows)
+                              rank=self.rank, world_size=self.world_size, rows=self.rows,
+                              batches_per_epoch=self._len)
         self._pipe = build_pipeline(source, batch_size=self.batch_size, device_id=self.device_id,
                                     num_threads=self.num_threads, py_num_workers=self.num_workers,
-                                    py_start_method=self.py_start_method)
+                                    py_start_method=self.py_start_method,
+                                    channels_last=self.channels_last)
         names = ["image", "mask", "row"] if self.info.has_masks else ["image", "row"]
         # size=-1: the stream is endless; __iter__ cuts it into epochs of len() batches.
         self._dali_iter = DALIGenericIterator([self._pipe], names, size=-1, auto_reset=False,
                                               prepare_first_batch=False)
-        self.build_seconds.append(time.perf_counter() - started)
-        self._first_epoch, self._position, self._sampled = first_epoch, 0, 0
+        self._first_epoch, self._position = first_epoch, 0
 
     def close(self) -> None:
         """Stop the pipeline and its worker processes (a later iteration rebuilds them)."""
@@ -163,39 +160,30 @@ class DaliLoader:
 
     # -- outputs -------------------------------------------------------------
     def _to_batch(self, outputs: dict, valid: int) -> Batch:
-        # DALI hands its buffers over via DLPack (exec_dynamic): no copy for image/rows.
+        # DALI hands its buffers over via DLPack (exec_dynamic): no copy for the image. Rows
+        # are a CPU output of the graph: bookkeeping never waits for the GPU.
         image = outputs["image"][:valid]
+        if self.channels_last:  # HWC from DALI seen as NCHW: channels_last at no cost
+            image = image.permute(0, 3, 1, 2)
         rows = outputs["row"][:valid, 0]
         mask = outputs.get("mask")
         if mask is not None:
             mask = mask[:valid, :, :, 0].long()
         if image.device != self.device:  # only if DALI and torch disagree on the GPU index
-            image, rows = image.to(self.device), rows.to(self.device)
+            image = image.to(self.device)
             mask = None if mask is None else mask.to(self.device)
-        return Batch(image=image, mask=mask, rows=rows)
+        return Batch(image=image, mask=mask, rows=rows.cpu())
 
-    # -- GPU memory ----------------------------------------------------------
-    def _sample_gpu_memory(self) -> None:
-        if self.device_id is None or self._sampled >= MEMORY_SAMPLED_BATCHES:
-            return
-        self._sampled += 1
-        used = _gpu_used_bytes(self.device)
-        self._gpu_peak = used if self._gpu_peak is None else max(self._gpu_peak, used)
 
-    def gpu_memory_bytes(self) -> int | None:
-        """GPU memory this loader added: peak device-wide use over the first batches after
-        each build minus the use before the first build (cudaMemGetInfo, so it includes
-        DALI's pools and the output batches; meaningful when nothing else allocates, as in
-        the benchmark). None in CPU-only mode or before the first batch."""
-        if self._gpu_baseline is None or self._gpu_peak is None:
-            return None
-        return max(0, self._gpu_peak - self._gpu_baseline)
+def source_start_method(device_id: int | None) -> str:
+    """How DALI starts its source workers: fork is fast, but DALI refuses to fork once the
+    CUDA driver is initialised in this process (a GPU loader, or anything that touched CUDA,
+    ran here before), whatever device this loader uses; spawn is always safe."""
+    if device_id is not None:
+        return "spawn"
+    from nvidia.dali import backend
 
-    def shm_bytes(self) -> int:
-        """Host shared memory DALI holds for the source workers' outputs (0 before a build)."""
-        if self._pipe is None:
-            return 0
-        return int(sum(self._pipe.external_source_shm_statistics()["capacities"]))
+    return "spawn" if backend.IsDriverInitialized() else "fork"
 
 
 def _dali_device_id(device: torch.device) -> int | None:
@@ -207,9 +195,3 @@ def _dali_device_id(device: torch.device) -> int | None:
     if not torch.cuda.is_available():
         raise UserError(f"device {device}: CUDA is not available here; use --device cpu")
     return device.index if device.index is not None else torch.cuda.current_device()
-
-
-def _gpu_used_bytes(device: torch.device) -> int:
-    torch.cuda.synchronize(device)
-    free, total = torch.cuda.mem_get_info(device)
-    return total - free

@@ -38,7 +38,7 @@ class WindowSource:
 
     def __init__(self, cache: CacheReader, split: str, *, train: bool, aug: AugmentConfig,
                  batch_size: int, seed: int, first_epoch: int, rank: int, world_size: int,
-                 rows=None):
+                 rows=None, batches_per_epoch: int | None = None):
         from loaders.order import split_rows
 
         info = cache.split(split)
@@ -50,6 +50,8 @@ class WindowSource:
         self.has_masks = info.has_masks
         self.batches_per_epoch = batch_count(self.num_frames, batch_size=batch_size, rank=rank,
                                              world_size=world_size, train=train)
+        if batches_per_epoch is not None:  # epochs cut short (DaliLoader.limit_epochs)
+            self.batches_per_epoch = min(self.batches_per_epoch, batches_per_epoch)
         self.samples_per_epoch = self.batches_per_epoch * batch_size
         self._orders: dict[int, np.ndarray] = {}   # per-process memo of a pure function
 
@@ -113,12 +115,13 @@ class WindowSource:
 
 def build_pipeline(source: WindowSource, *, batch_size: int, device_id: int | None,
                    num_threads: int, py_num_workers: int, py_start_method: str,
-                   prefetch_queue_depth: int = 2, source_prefetch: int = 2):
+                   prefetch_queue_depth: int = 2, source_prefetch: int = 2,
+                   channels_last: bool = False):
     """The DALI pipeline: outputs ("image", ["mask",] "row").
 
-    image float32 (B, 3, h, w) normalised; mask uint8 (B, h, w, 1); row int64 (B, 1).
-    `device_id=None` selects DALI's CPU-only mode; otherwise the same operators run on
-    that GPU.
+    image float32 (B, 3, h, w) normalised ((B, h, w, 3) with channels_last); mask uint8
+    (B, h, w, 1); row int64 (B, 1), always a CPU output. `device_id=None` selects DALI's
+    CPU-only mode; otherwise the same operators run on that GPU.
     """
     from nvidia.dali import fn, types
     from nvidia.dali.pipeline import Pipeline
@@ -141,15 +144,16 @@ def build_pipeline(source: WindowSource, *, batch_size: int, device_id: int | No
         nodes = dict(zip(names, outs))
         image, mask, params, row = (nodes.get(n) for n in ("image", "mask", "params", "row"))
         if device_id is not None:
-            image, row = image.gpu(), row.gpu()
+            image = image.gpu()
             mask = None if mask is None else mask.gpu()
         graph = _train_graph if source.train else _eval_graph
-        image, mask = graph(fn, types, source.aug, image, mask, params)
+        image, mask = graph(fn, types, source.aug, image, mask, params,
+                            "HWC" if channels_last else "CHW")
         pipe.set_outputs(*(node for node in (image, mask, row) if node is not None))
     return pipe
 
 
-def _train_graph(fn, types, aug: AugmentConfig, image, mask, params):
+def _train_graph(fn, types, aug: AugmentConfig, image, mask, params, image_layout: str):
     """Resize the window to (out_h, out_w), jitter colour, flip, pad to the crop, normalise.
 
     Op order and choices are the cheapest equivalent measured in CPU-only mode (640x640,
@@ -172,7 +176,7 @@ def _train_graph(fn, types, aug: AugmentConfig, image, mask, params):
                 out_of_bounds_policy="pad")
     # The fill is written after normalisation: image padding 0 normalises to -MEAN/STD.
     image = fn.crop_mirror_normalize(image, **crop, fill_values=IMAGE_PAD_NORMALISED,
-                                     mean=list(MEAN), std=list(STD), output_layout="CHW",
+                                     mean=list(MEAN), std=list(STD), output_layout=image_layout,
                                      dtype=types.FLOAT)
     if mask is not None:
         # Nearest neighbour without antialiasing: every output label exists in the source.
@@ -199,11 +203,11 @@ def jitter_colour(fn, types, image, params):
     return dali_math.min(dali_math.max(image, 0.0), 255.0)
 
 
-def _eval_graph(fn, types, aug: AugmentConfig, image, mask, params):
+def _eval_graph(fn, types, aug: AugmentConfig, image, mask, params, image_layout: str):
     """Whole frame resized by eval_scale and normalised; the mask stays at full resolution."""
     if aug.eval_scale != 1.0:
         image = fn.resize(image, size=params[P_OUT_H:P_OUT_W + 1],
                           interp_type=types.INTERP_LINEAR, antialias=True)
-    image = fn.crop_mirror_normalize(image, mean=list(MEAN), std=list(STD), output_layout="CHW",
-                                     dtype=types.FLOAT)
+    image = fn.crop_mirror_normalize(image, mean=list(MEAN), std=list(STD),
+                                     output_layout=image_layout, dtype=types.FLOAT)
     return image, mask

@@ -27,20 +27,18 @@ from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from cache.errors import UserError
 from cache.reader import CacheReader, SplitInfo
-from loaders.colour import colour_twist_, normalise_
-from loaders.contract import IMAGE_PAD, MASK_PAD, AugmentConfig, Batch, check_request
+from loaders.colour import clear_padding_, colour_twist_into, normalise_
+from loaders.contract import (IMAGE_PAD, MASK_PAD, AugmentConfig, Batch, check_request,
+                              cores_per_rank)
 from loaders.order import batch_count, shard_indices
 from loaders.sampling import SampleParams, draw_train_sample, eval_sample
 
 
 
 def default_num_workers() -> int:
-    """One worker per core, at most 4: more only adds memory once the device is fed."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(cores, 4))
+    """One worker per core of this rank, at most 4: more only adds memory once the device is
+    fed. Under torchrun the machine's cores are shared among its local ranks."""
+    return max(1, min(cores_per_rank(), 4))
 
 
 # -- geometry on uint8 pixels (runs in the workers) -----------------------------------------
@@ -105,8 +103,10 @@ class WindowDataset(Dataset):
     """
 
     def __init__(self, reader: CacheReader, info: SplitInfo, aug: AugmentConfig, *,
-                 train: bool, seed: int, finish_jitter: bool | None = None):
+                 train: bool, seed: int, finish_jitter: bool | None = None,
+                 channels_last: bool = False):
         self.reader, self.info, self.aug = reader, info, aug
+        self.channels_last = channels_last
         self.train, self.seed, self.finish_jitter = train, seed, finish_jitter
         self._drawn_masks: dict[int, tuple] = {}  # row -> (window, mask) of cat_max_ratio
 
@@ -138,7 +138,8 @@ class WindowDataset(Dataset):
         if masks is not None:
             item["mask"] = masks
         if self.finish_jitter is not None:
-            return finish_on_device(item, torch.device("cpu"), jitter=self.finish_jitter)
+            return finish_on_device(item, torch.device("cpu"), jitter=self.finish_jitter,
+                                    channels_last=self.channels_last)
         return item
 
     def _params(self, epoch: int, row: int) -> SampleParams:
@@ -203,45 +204,56 @@ class EpochBatches(Sampler):
             epoch += 1
 
 
-def finish_on_device(item: dict[str, torch.Tensor], device: torch.device, *,
-                     jitter: bool) -> Batch:
+_SCRATCH: dict[str, torch.Tensor] = {}  # per process: one float scratch, grown as needed
+
+
+def host_scratch(numel: int) -> torch.Tensor:
+    """A float32 CPU buffer of at least `numel` elements, reused by this process (a worker
+    finishing batches on the CPU): fresh batch-sized tensors cost more in page faults than
+    the arithmetic on them."""
+    buffer = _SCRATCH.get("cpu")
+    if buffer is None or buffer.numel() < numel:
+        buffer = _SCRATCH["cpu"] = torch.empty(numel, dtype=torch.float32)
+    return buffer
+
+
+def finish_on_device(item: dict[str, torch.Tensor], device: torch.device, *, jitter: bool,
+                     channels_last: bool = False) -> Batch:
     """uint8 host batch -> normalised float Batch on `device` (colour jitter when asked).
 
-    One float tensor is made per batch and everything else happens in place: on a CPU
-    device, fresh batch-sized tensors cost more in page faults than the arithmetic. On the
-    CPU (in a worker) the outputs are made in shared memory, ready to be sent.
+    Whole-batch operations only (no loop over samples) and no host-device synchronisation:
+    copies are non_blocking from the pinned host batch, constants are cached per device, and
+    `rows` stay on the host. One float tensor is made per batch and everything else happens
+    in place. On the CPU (in a worker) the outputs are made in shared memory, ready to be sent.
     """
-    def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        if device.type == "cpu":
-            return new_tensor(shape, dtype)
-        return torch.empty(shape, dtype=dtype, device=device)
-
-    non_blocking = device.type == "cuda"
+    on_cpu = device.type == "cpu"
+    non_blocking = not on_cpu
     pixels = item["image"].to(device, non_blocking=non_blocking)  # (B, H, W, 3) uint8
     batch, height, width, _ = pixels.shape
-    image = empty((batch, 3, height, width), torch.float32)
-    image.copy_(pixels.permute(0, 3, 1, 2))  # to float and to channels-first in one pass
+    if on_cpu:
+        image = new_tensor((batch, height, width, 3) if channels_last else (batch, 3, height, width),
+                           torch.float32)
+    else:
+        image = torch.empty((batch, height, width, 3) if channels_last else (batch, 3, height, width),
+                            dtype=torch.float32, device=device)
+    if channels_last:  # NHWC memory seen as NCHW: the layout the model's convolutions prefer
+        image = image.permute(0, 3, 1, 2)
     if jitter:
         colour = item["colour"].to(device, non_blocking=non_blocking)
-        colour_twist_(image, colour[:, 0], colour[:, 1], colour[:, 2], colour[:, 3])
-        clear_padding_(image, item["valid_hw"].tolist())
+        valid_hw = item["valid_hw"].to(device, non_blocking=non_blocking)
+        scratch = host_scratch(pixels.numel()) if on_cpu else None
+        colour_twist_into(image, pixels, colour, scratch=scratch)
+        clear_padding_(image, valid_hw)
+    else:
+        image.copy_(pixels.permute(0, 3, 1, 2))  # to float (and to the layout) in one pass
     normalise_(image)
     mask = item.get("mask")
     if mask is not None:
-        mask = mask.to(device, non_blocking=non_blocking)
-        mask = empty(tuple(mask.shape), torch.int64).copy_(mask)
-    return Batch(image=image, mask=mask, rows=item["rows"].to(device))
-
-
-def clear_padding_(images: torch.Tensor, valid_hw: list[list[int]]) -> None:
-    """Zero each sample's padding (outside its top-left out_h x out_w window) in place.
-
-    Padding must stay 0 before normalisation, but the colour twist moves 0 (contrast pulls
-    it towards grey), so the padded area is cleared again after the twist.
-    """
-    for image, (out_h, out_w) in zip(images, valid_hw):
-        image[:, out_h:, :] = 0
-        image[:, :out_h, out_w:] = 0
+        if on_cpu:
+            mask = new_tensor(tuple(mask.shape), torch.int64).copy_(mask)
+        else:
+            mask = mask.to(device, non_blocking=True).long()
+    return Batch(image=image, mask=mask, rows=item["rows"])
 
 
 class TorchLoader:
@@ -253,13 +265,19 @@ class TorchLoader:
     exactly once across ranks, the last batch may be short.
 
     The workers' stream runs on from one epoch into the next, so iterating epochs e, e+1,
-    ... in turn never waits for a refill; any other move (another epoch, an epoch left
-    half-way) restarts the stream at the asked epoch.
+    ... in turn never waits for a refill, also when each epoch is cut short by
+    `limit_epochs`; any other move (another epoch, an epoch left half-way) restarts the
+    stream at the asked epoch.
+
+    On a GPU, batches are finished one ahead on a side CUDA stream: while the caller's step
+    runs, the next batch is copied from pinned memory and jittered there, and the caller's
+    stream waits for it on an event (as timm's PrefetchLoader and FFCV's epoch iterator do).
     """
 
     def __init__(self, cache: str | os.PathLike, split: str, *, train: bool, batch_size: int,
                  aug: AugmentConfig, device: str | torch.device = "cpu", seed: int = 0,
-                 rank: int = 0, world_size: int = 1, num_workers: int | None = None, rows=None):
+                 rank: int = 0, world_size: int = 1, num_workers: int | None = None, rows=None,
+                 channels_last: bool = False):
         self.reader = CacheReader(cache)
         self.info = self.reader.split(split)
         self.rows = check_request(self.reader.path, self.info, train=train, batch_size=batch_size,
@@ -273,6 +291,7 @@ class TorchLoader:
             raise UserError(f"device {self.device} asked for, but CUDA is not available here; "
                             "use the cpu device instead")
         self.train, self.aug, self.epoch = train, aug, 0
+        self.channels_last = channels_last
         self.jitter = train and any((aug.brightness, aug.contrast, aug.saturation, aug.hue))
         self.batches = EpochBatches(self.rows, batch_size=batch_size, seed=seed, rank=rank,
                                     world_size=world_size, train=train)
@@ -281,14 +300,18 @@ class TorchLoader:
         # On a GPU the workers send uint8 and the GPU does the float work after the copy.
         self._finish_in_workers = self.device.type == "cpu" and num_workers > 0
         dataset = WindowDataset(self.reader, self.info, aug, train=train, seed=seed,
-                                finish_jitter=self.jitter if self._finish_in_workers else None)
+                                finish_jitter=self.jitter if self._finish_in_workers else None,
+                                channels_last=channels_last)
         self._loader = DataLoader(
             dataset, batch_size=None, sampler=self.batches, num_workers=num_workers,
             pin_memory=self.device.type == "cuda", persistent_workers=num_workers > 0,
             prefetch_factor=2 if num_workers > 0 else None)
         self._stream = None
-        self._stream_epoch: int | None = None  # the epoch the stream's next batch starts
-        self._active = None  # token of the iteration that owns the stream
+        self._first_epoch = 0          # the epoch the running stream started at
+        self._position = 0             # batches taken from the running stream
+        self.stream_starts = 0         # how often the workers' stream was (re)started
+        self._active = None            # token of the iteration that owns the stream
+        self._side_stream = None       # CUDA stream the next batch is finished on
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -296,27 +319,77 @@ class TorchLoader:
     def __len__(self) -> int:
         return self.batches.per_epoch
 
+    def limit_epochs(self, batches: int) -> None:
+        """Make every epoch its first `batches` batches (a training run that consumes fewer
+        than len() per epoch: --limit, or --grad-accum not dividing len()), so that the stream
+        runs on into the next epoch instead of restarting. Call before iterating."""
+        if self._stream is not None:
+            raise RuntimeError("limit_epochs must be called before the loader is iterated")
+        self.batches.per_epoch = max(1, min(self.batches.per_epoch, int(batches)))
+
     def __iter__(self) -> Iterator[Batch]:
         epoch = self.epoch
         if not self._stream_is_at(epoch):
-            self.batches.first_epoch = epoch
-            self._stream = iter(self._loader)
-        self._stream_epoch = None  # an epoch left half-way leaves the stream mid-epoch
+            self.batches.first_epoch = self._first_epoch = epoch
+            self._stream, self._position = iter(self._loader), 0
+            self.stream_starts += 1
         token = self._active = object()
+        items = self._epoch_items(token)
+        if self._finish_in_workers:
+            return (Batch(*item) for item in items)
+        if self.device.type == "cuda":
+            return self._one_ahead_on_side_stream(items)
+        return (finish_on_device(item, self.device, jitter=self.jitter,
+                                 channels_last=self.channels_last) for item in items)
+
+    def _epoch_items(self, token) -> Iterator:
         for _ in range(len(self)):
             if self._active is not token:
                 raise RuntimeError("TorchLoader: a newer iteration over this loader started; "
                                    "an older one cannot continue")
             item = next(self._stream)
-            if self._finish_in_workers:
-                yield Batch(*item)
-            else:
-                yield finish_on_device(item, self.device, jitter=self.jitter)
-        self._stream_epoch = epoch + 1
+            self._position += 1
+            yield item
 
     def _stream_is_at(self, epoch: int) -> bool:
-        """Does the running stream's next batch start this epoch? (Evaluation batches do not
+        """Is the running stream exactly at the start of this epoch? (Evaluation batches do not
         depend on the epoch, so there any epoch boundary will do.)"""
-        if self._stream is None or self._stream_epoch is None:
+        if self._stream is None:
             return False
-        return self._stream_epoch == epoch or not self.train
+        if not self.train:
+            return self._position % len(self) == 0
+        return (epoch >= self._first_epoch and
+                self._position == (epoch - self._first_epoch) * len(self))
+
+    def _one_ahead_on_side_stream(self, items: Iterator) -> Iterator[Batch]:
+        """Finish batch k+1 on a side stream before handing over batch k; the caller's stream
+        waits on an event, and record_stream keeps the allocator from reusing the memory of a
+        batch the caller's kernels may still read. No host-device synchronisation."""
+        if self._side_stream is None:
+            self._side_stream = torch.cuda.Stream(self.device)
+        side = self._side_stream
+
+        def prepare(item):
+            with torch.cuda.stream(side):
+                batch = finish_on_device(item, self.device, jitter=self.jitter,
+                                         channels_last=self.channels_last)
+                ready = torch.cuda.Event()
+                ready.record(side)
+            return batch, ready
+
+        def hand_over(batch: Batch, ready) -> Batch:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(ready)
+            for tensor in (batch.image, batch.mask):
+                if tensor is not None:
+                    tensor.record_stream(current)
+            return batch
+
+        pending = None
+        for item in items:
+            upcoming = prepare(item)
+            if pending is not None:
+                yield hand_over(*pending)
+            pending = upcoming
+        if pending is not None:
+            yield hand_over(*pending)
