@@ -106,6 +106,7 @@ def run_evaluate(checkpoint, cache, split: str = "val", *, loader: str = "torch"
     from rich.console import Console
 
     from loaders.contract import build_loader
+    from training.complexity import model_complexity
     from training.latency import time_model
     from training.metrics import ConfusionMatrix
 
@@ -134,6 +135,7 @@ def run_evaluate(checkpoint, cache, split: str = "val", *, loader: str = "torch"
         "encoder": setup.meta.get("encoder"), "loader": loader, "batch_size": batch_size,
         "device": str(setup.device), "amp": amp, "eval_scale": eval_scale,
         "tta_scales": list(tta["tta_scales"]), "tta_flip": tta_flip, **timing,
+        **model_complexity(setup.model, timing["input_hw"]),
         "output_hw": [info.height, info.width],
         "frames_per_s": frames / seconds if seconds > 0 else None, "seconds": seconds,
         "export_dir": None if export is None else os.fspath(export),
