@@ -140,6 +140,44 @@ def evaluate(checkpoint, cache, split, loader, batch_size, tta, flip, json_path,
                         amp=None if amp == "none" else amp)
 
 
+@click.command("predict", context_settings=HELP)
+@click.option("--checkpoint", required=True, metavar="FILE", help="best.pt or last.pt of a run.")
+@click.option("--input", "input_spec", required=True, metavar="PATH",
+              help="A PNG/JPEG image, a folder of them (searched recursively), a quoted glob "
+                   "such as 'frames/*.png', or a video file (.mp4, .mkv, .mov, .avi, ...).")
+@click.option("--out", "out_dir", required=True, metavar="DIR",
+              help="Folder for KEY_color.png, KEY_overlay.png and predict.json.")
+@click.option("--video", "video_path", default=None, metavar="FILE.mp4",
+              help="Also write the overlays, in input order, as an H.264 video.")
+@click.option("--fps", default=None, type=float,
+              help="Frame rate of --video [the input video's, or 5 for images].")
+@click.option("--images/--no-images", default=True, show_default=True,
+              help="Write the colour and overlay PNGs.")
+@click.option("--batch-size", default=1, type=int, show_default=True,
+              help="Frames per forward pass (frames of one size are batched).")
+@click.option("--tta", default="1.0", show_default=True, metavar="SCALES",
+              help="Test-time scales, e.g. 0.75,1.0,1.25.")
+@click.option("--flip", is_flag=True, help="Add mirrored views (test-time augmentation).")
+@click.option("--eval-scale", default=None, type=float,
+              help="Resize frames by this factor before the model [the checkpoint's].")
+@click.option("--alpha", default=0.5, type=float, show_default=True,
+              help="Weight of the colours in the overlay.")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 [cuda if available].")
+@click.option("--amp", default="none", show_default=True, type=click.Choice(["bf16", "fp16", "none"]),
+              help="Autocast dtype (fp16 needs CUDA).")
+@click.option("--limit", default=None, type=int, help="Predict only the first N frames.")
+@user_errors
+def predict(checkpoint, input_spec, out_dir, video_path, fps, images, batch_size, tta, flip,
+            eval_scale, alpha, device, amp, limit):
+    """Predict images or a video with a checkpoint: colour and overlay pictures, and a video."""
+    from training.predict import run_predict
+
+    run_predict(checkpoint, input_spec, out_dir, video_path=video_path, fps=fps, images=images,
+                batch_size=batch_size, tta_scales=parse_scales(tta), tta_flip=flip,
+                eval_scale=eval_scale, alpha=alpha, device=device,
+                amp=None if amp == "none" else amp, limit=limit)
+
+
 @click.group(context_settings=HELP)
 def main():
     """Train and evaluate segmentation models on a Cityscapes cache."""
@@ -147,6 +185,7 @@ def main():
 
 main.add_command(train)
 main.add_command(evaluate)
+main.add_command(predict)
 
 
 def train_main():
@@ -157,6 +196,11 @@ def train_main():
 def evaluate_main():
     """Console script `evaluate`."""
     evaluate.main(prog_name="evaluate")
+
+
+def predict_main():
+    """Console script `predict`."""
+    predict.main(prog_name="predict")
 
 
 if __name__ == "__main__":

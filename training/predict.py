@@ -1,0 +1,447 @@
+"""The `predict` job: a checkpoint over images or a video -> colour and overlay pictures, a video.
+
+Inputs: one PNG/JPEG image, a folder (searched recursively) or a glob of them, or one video file
+(decoded with PyAV). Any size: each frame is resized by the eval scale (the checkpoint's unless
+given), padded to the model's multiple, predicted (with optional multi-scale/flip TTA, the same
+code as `evaluate`) and brought back to its own size. Frames of one size are batched.
+
+Outputs, for an input frame whose name (relative to the input folder, or `<video>/<video>_<n>`
+for a video's frame n) is KEY: OUT/KEY_color.png (the prediction in the official Cityscapes
+colours) and OUT/KEY_overlay.png (it blended over the frame); with `video_path`, the overlays
+in input order as an H.264 MP4 (e.g. a city's frames as a time-lapse). OUT/predict.json records
+what was run and, at the end, how many frames were written. Files are written through a
+temporary name, so none is ever half-written; OUT must be new, empty, or an earlier `predict`
+output (it has predict.json), so that nothing we did not write is overwritten.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from cache.errors import UserError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
+MANIFEST = "predict.json"
+DEFAULT_FPS = 5.0        # image sequences: a time-lapse of a few frames a second
+MAX_PENDING_WRITES = 16  # frames' pictures in flight: bounds host memory
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What --input named: image files (with their output keys) or one video."""
+
+    spec: str
+    images: tuple[Path, ...] = ()
+    keys: tuple[str, ...] = ()
+    video: Path | None = None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def _is_glob(text: str) -> bool:
+    return any(ch in text for ch in "*?[")
+
+
+def _glob_base(pattern: str) -> Path:
+    """The folder part of a glob before its first wildcard ("data/*/x_*.png" -> "data")."""
+    parts = Path(pattern).parts
+    fixed = [p for p in parts[: next(i for i, p in enumerate(parts) if _is_glob(p))]]
+    return Path(*fixed) if fixed else Path(".")
+
+
+def _keys(paths: Sequence[Path], base: Path) -> tuple[str, ...]:
+    """Output names: each path relative to `base`, without its suffix."""
+    return tuple(p.relative_to(base).with_suffix("").as_posix() for p in paths)
+
+
+def find_inputs(spec: str) -> Inputs:
+    """Resolve --input: a glob, a folder, an image file or a video file."""
+    text = os.fspath(spec)
+    if _is_glob(text) and not Path(text).exists():
+        paths = sorted(Path(p) for p in glob.glob(text, recursive=True)
+                       if Path(p).is_file() and Path(p).suffix.lower() in IMAGE_SUFFIXES)
+        if not paths:
+            raise UserError(f"--input {text}: no PNG or JPEG file matches")
+        base = _glob_base(text)
+        return Inputs(text, tuple(paths), _keys(paths, base))
+    path = Path(text)
+    if path.is_dir():
+        paths = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not paths:
+            raise UserError(f"--input {path}: no PNG or JPEG file in this folder")
+        return Inputs(text, tuple(paths), _keys(paths, path))
+    if not path.is_file():
+        raise UserError(f"--input {path}: no such file or folder")
+    suffix = path.suffix.lower()
+    if suffix in IMAGE_SUFFIXES:
+        return Inputs(text, (path,), (path.stem,))
+    if suffix in VIDEO_SUFFIXES:
+        return Inputs(text, video=path)
+    raise UserError(f"--input {path}: not a PNG/JPEG image ({', '.join(IMAGE_SUFFIXES)}) "
+                    f"or a video ({', '.join(VIDEO_SUFFIXES)})")
+
+
+def read_image(path: Path) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of a PNG/JPEG (grey, palette and alpha images are converted)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise UserError(f"{path}: cannot read this image ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:120] if str(exc) else 'truncated?'})") from None
+
+
+def open_video(path: Path):
+    """(container, stream) of a video file, or a one-line error."""
+    import av
+
+    try:
+        container = av.open(os.fspath(path))
+    except (av.FFmpegError, OSError) as exc:
+        raise UserError(f"{path}: cannot open this video ({type(exc).__name__}: {exc})") from None
+    if not container.streams.video:
+        container.close()
+        raise UserError(f"{path}: has no video stream")
+    return container, container.streams.video[0]
+
+
+def iter_frames(inputs: Inputs, limit: int | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """(key, RGB uint8 frame) in input order; images are decoded one ahead in a thread."""
+    if inputs.video is not None:
+        container, stream = open_video(inputs.video)
+        stem = inputs.video.stem
+        try:
+            for index, frame in enumerate(container.decode(stream)):
+                if limit is not None and index >= limit:
+                    return
+                yield f"{stem}/{stem}_{index:06d}", frame.to_ndarray(format="rgb24")
+        finally:
+            container.close()
+        return
+    count = len(inputs) if limit is None else min(limit, len(inputs))
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(read_image, inputs.images[0]) if count else None
+        for i in range(count):
+            image = pending.result()
+            if i + 1 < count:
+                pending = pool.submit(read_image, inputs.images[i + 1])
+            yield inputs.keys[i], image
+
+
+def batches_of_one_size(frames, batch_size: int):
+    """Lists of up to `batch_size` consecutive (key, frame) pairs whose frames share a size."""
+    batch: list = []
+    for key, frame in frames:
+        if batch and (len(batch) == batch_size or batch[0][1].shape != frame.shape):
+            yield batch
+            batch = []
+        batch.append((key, frame))
+    if batch:
+        yield batch
+
+
+def video_rate(inputs: Inputs) -> float:
+    """The input video's frame rate, else DEFAULT_FPS."""
+    if inputs.video is None:
+        return DEFAULT_FPS
+    container, stream = open_video(inputs.video)
+    try:
+        rate = stream.average_rate or stream.guessed_rate
+        return float(rate) if rate else DEFAULT_FPS
+    finally:
+        container.close()
+
+
+def frame_count(inputs: Inputs, limit: int | None) -> int | None:
+    """Frames to predict, for the progress bar (None when a video does not say)."""
+    if inputs.video is None:
+        total = len(inputs)
+    else:
+        container, stream = open_video(inputs.video)
+        total = stream.frames or None
+        container.close()
+    return total if total is None or limit is None else min(total, limit)
+
+
+# -- where the pictures go ----------------------------------------------------------------------
+
+def prepare_out_dir(out_dir) -> Path:
+    """Create OUT, or accept it when empty or written by an earlier `predict` (predict.json)."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise UserError(f"--out {out}: holds files that `predict` did not write (no {MANIFEST}); "
+                        "give a new or empty folder")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def check_video_path(video_path, out: Path) -> Path | None:
+    """--video FILE: an .mp4/.mkv/.mov that is new, or one an earlier run into OUT wrote."""
+    if video_path is None:
+        return None
+    path = Path(video_path)
+    if path.suffix.lower() not in (".mp4", ".mkv", ".mov"):
+        raise UserError(f"--video {path}: give a file name ending in .mp4, .mkv or .mov")
+    if path.is_dir():
+        raise UserError(f"--video {path}: is a folder; give a file name")
+    if path.exists():
+        earlier = read_manifest(out).get("video")
+        if earlier is None or Path(earlier).resolve() != path.resolve():
+            raise UserError(f"--video {path}: exists and was not written by `predict` into "
+                            f"{out}; choose another name")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def read_manifest(out: Path) -> dict:
+    try:
+        return json.loads((out / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def write_manifest(out: Path, record: dict) -> None:
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, out / MANIFEST)
+
+
+def save_png(path: Path, array: np.ndarray) -> None:
+    """Through a temporary name: a kill leaves the old file or the new one, never a torn one."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    Image.fromarray(array).save(tmp, format="PNG", compress_level=1)
+    os.replace(tmp, path)
+
+
+def overlay(frame: np.ndarray, pred: np.ndarray, alpha: float) -> np.ndarray:
+    """The prediction's official colours blended over the frame (alpha: the colours' weight)."""
+    from training.export import colorize
+
+    return (frame * (1.0 - alpha) + colorize(pred) * alpha).round().astype(np.uint8)
+
+
+class VideoWriter:
+    """Frames, in order, into an H.264 (yuv420p) video through PyAV, written under a temporary
+    name and moved into place by `close`. Frames are cropped to even sides (yuv420p needs them);
+    frames of another size than the first are resized to it."""
+
+    def __init__(self, path: Path, fps: float):
+        self.path, self.fps = path, fps
+        self.tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")
+        self.container = self.stream = None
+        self.frames = 0
+
+    def _open(self, height: int, width: int) -> None:
+        from fractions import Fraction
+
+        import av
+
+        self.container = av.open(os.fspath(self.tmp), mode="w")
+        self.stream = self.container.add_stream("libx264", rate=Fraction(self.fps).limit_denominator(1001))
+        self.stream.width, self.stream.height = width - width % 2, height - height % 2
+        self.stream.pix_fmt = "yuv420p"
+        self.stream.options = {"crf": "20"}
+
+    def add(self, rgb: np.ndarray) -> None:
+        import av
+        from PIL import Image
+
+        if self.container is None:
+            self._open(*rgb.shape[:2])
+        h, w = self.stream.height, self.stream.width
+        fh, fw = rgb.shape[:2]
+        if (fh - fh % 2, fw - fw % 2) != (h, w):
+            rgb = np.asarray(Image.fromarray(rgb).resize((w, h), Image.BILINEAR))
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb[:h, :w]), format="rgb24")
+        self.container.mux(self.stream.encode(frame))
+        self.frames += 1
+
+    def close(self) -> None:
+        if self.container is None:
+            return
+        self.container.mux(self.stream.encode(None))       # flush the encoder
+        self.container.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        if self.container is not None:
+            self.container.close()
+            self.tmp.unlink(missing_ok=True)
+
+
+class PictureWriter:
+    """Colour and overlay PNGs in two threads (PIL's zlib releases the GIL) and video frames in
+    one (in order), so that writing overlaps prediction."""
+
+    def __init__(self, out: Path | None, video: VideoWriter | None, alpha: float):
+        self.out, self.video, self.alpha = out, video, alpha
+        self.png_pool = ThreadPoolExecutor(max_workers=2)
+        self.video_pool = ThreadPoolExecutor(max_workers=1)
+        self.pending: list = []
+
+    def submit(self, keys: Sequence[str], frames: Sequence[np.ndarray], preds: np.ndarray) -> None:
+        while len(self.pending) >= MAX_PENDING_WRITES:
+            self.pending.pop(0).result()        # re-raises a writer's error here
+        for key, frame, pred in zip(keys, frames, preds):
+            if self.video is not None:     # one thread, fed in input order: frames stay in order
+                self.pending.append(self.video_pool.submit(self._add_to_video, frame, pred))
+            if self.out is not None:
+                self.pending.append(self.png_pool.submit(self._write_pngs, key, frame, pred))
+
+    def _add_to_video(self, frame: np.ndarray, pred: np.ndarray) -> None:
+        self.video.add(overlay(frame, pred, self.alpha))
+
+    def _write_pngs(self, key: str, frame: np.ndarray, pred: np.ndarray) -> None:
+        from training.export import colorize
+
+        save_png(self.out / f"{key}_color.png", colorize(pred))
+        save_png(self.out / f"{key}_overlay.png", overlay(frame, pred, self.alpha))
+
+    def finish(self) -> None:
+        while self.pending:
+            self.pending.pop(0).result()
+        if self.video is not None:
+            self.video.close()
+
+    def shutdown(self, failed: bool) -> None:
+        self.png_pool.shutdown(wait=True, cancel_futures=True)
+        self.video_pool.shutdown(wait=True)
+        if failed and self.video is not None:
+            self.video.abort()
+
+
+# -- the job ----------------------------------------------------------------------------------
+
+@torch.no_grad()
+def predict_frames(model, frames: Sequence[np.ndarray], device: torch.device, *, eval_scale: float,
+                   autocast, tta_scales: Sequence[float], tta_flip: bool) -> np.ndarray:
+    """(B, H, W) uint8 trainIds of same-size RGB frames, at their own size."""
+    import torch.nn.functional as F
+
+    from loaders.contract import MEAN, STD
+    from training.tta import predict_logits
+
+    pixels = torch.from_numpy(np.stack(frames)).to(device, non_blocking=True)
+    mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
+    image = (pixels.permute(0, 3, 1, 2).float() - mean) / std
+    h, w = frames[0].shape[:2]
+    if eval_scale != 1.0:
+        size = (max(1, round(h * eval_scale)), max(1, round(w * eval_scale)))
+        image = F.interpolate(image, size=size, mode="bilinear", align_corners=False,
+                              antialias=eval_scale < 1.0)
+    with autocast:
+        logits = predict_logits(model, image, (h, w), scales=tta_scales, flip=tta_flip)
+    return logits.argmax(1).to(torch.uint8).cpu().numpy()
+
+
+def check_options(*, batch_size: int, tta_scales, alpha: float, limit, fps, images: bool,
+                  video_path, eval_scale) -> None:
+    """Refuse what cannot work before anything is read, loaded or written."""
+    if batch_size < 1:
+        raise UserError(f"--batch-size: must be at least 1, got {batch_size}")
+    if not tta_scales or min(tta_scales) <= 0:
+        raise UserError(f"--tta: need one or more positive scales, got {tuple(tta_scales)}")
+    if not 0.0 <= alpha <= 1.0:
+        raise UserError(f"--alpha: must be between 0 and 1, got {alpha}")
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit: must be at least 1, got {limit}")
+    if fps is not None and not fps > 0:
+        raise UserError(f"--fps: must be positive, got {fps}")
+    if eval_scale is not None and not eval_scale > 0:
+        raise UserError(f"--eval-scale: must be positive, got {eval_scale}")
+    if not images and video_path is None:
+        raise UserError("--no-images without --video: there would be nothing to write")
+
+
+def run_predict(checkpoint, input_spec, out_dir, *, video_path=None, fps: float | None = None,
+                batch_size: int = 1, tta_scales: Sequence[float] = (1.0,), tta_flip: bool = False,
+                eval_scale: float | None = None, amp: str | None = None, device=None,
+                images: bool = True, alpha: float = 0.5, limit: int | None = None,
+                console=None) -> dict:
+    """Predict every frame of `input_spec` with `checkpoint`; see the module docstring.
+    Returns the record also written to OUT/predict.json."""
+    from rich.console import Console
+
+    from training.checkpoint import load_for_eval
+    from training.device import autocast_context, resolve_device
+
+    console = console or Console(stderr=True)
+    tta_scales = tuple(float(s) for s in tta_scales)
+    check_options(batch_size=batch_size, tta_scales=tta_scales, alpha=alpha, limit=limit, fps=fps,
+                  images=images, video_path=video_path, eval_scale=eval_scale)
+    if not Path(checkpoint).is_file():
+        raise UserError(f"--checkpoint {checkpoint}: no such checkpoint file")
+    inputs = find_inputs(input_spec)
+    out = prepare_out_dir(out_dir)
+    video = check_video_path(video_path, out)
+    device = resolve_device(device)
+    autocast = autocast_context(amp, device)
+    model, meta = load_for_eval(checkpoint, device)
+    record = {
+        "checkpoint": os.fspath(checkpoint), "input": os.fspath(input_spec), "out": os.fspath(out),
+        "video": None if video is None else os.fspath(video.resolve()),
+        "fps": None if video is None else (fps or video_rate(inputs)), "images": images,
+        "arch": meta.get("arch"), "encoder": meta.get("encoder"), "device": str(device),
+        "amp": amp, "batch_size": batch_size, "tta_scales": list(tta_scales), "tta_flip": tta_flip,
+        "eval_scale": float(meta.get("eval_scale", 1.0) if eval_scale is None else eval_scale),
+        "alpha": alpha, "complete": False,
+    }
+    write_manifest(out, record)        # first: a later run may then rewrite what this one wrote
+    console.print(f"predict: {frame_count(inputs, limit) or 'all'} frame(s) of {input_spec} with "
+                  f"{checkpoint} ({meta.get('arch')}/{meta.get('encoder')}) on {device} -> {out}"
+                  + (f" and {video}" if video else ""), soft_wrap=True)
+    writer = PictureWriter(out if images else None,
+                           None if video is None else VideoWriter(video, record["fps"]), alpha)
+    frames, seconds = _predict_all(model, inputs, writer, record, limit, autocast, device, console)
+    record.update(complete=True, frames=frames, seconds=seconds,
+                  frames_per_s=frames / seconds if seconds > 0 else None)
+    write_manifest(out, record)
+    console.print(f"predict: {frames} frame(s) in {seconds:.1f} s"
+                  + (f"; colour and overlay PNGs in {out}" if images else "")
+                  + (f"; video {video}" if video else ""), soft_wrap=True)
+    return record
+
+
+def _predict_all(model, inputs: Inputs, writer: PictureWriter, record: dict, limit, autocast,
+                 device, console) -> tuple[int, float]:
+    """(frames, seconds): every frame predicted and its pictures written."""
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+
+    options = dict(eval_scale=record["eval_scale"], autocast=autocast,
+                   tta_scales=tuple(record["tta_scales"]), tta_flip=record["tta_flip"])
+    start, frames, failed = time.perf_counter(), 0, True
+    columns = (TextColumn("[bold]predict"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn())
+    try:
+        with Progress(*columns, console=console, transient=True) as progress:
+            task = progress.add_task("predict", total=frame_count(inputs, limit))
+            for batch in batches_of_one_size(iter_frames(inputs, limit), record["batch_size"]):
+                keys, pictures = [k for k, _ in batch], [f for _, f in batch]
+                writer.submit(keys, pictures, predict_frames(model, pictures, device, **options))
+                frames += len(batch)
+                progress.update(task, advance=len(batch))
+        writer.finish()
+        failed = False
+    finally:
+        writer.shutdown(failed)
+    return frames, time.perf_counter() - start
