@@ -18,7 +18,6 @@ from training.export import (
     labelid_to_trainid,
     prepare_export_dir,
     trainid_to_labelid,
-    visualize,
 )
 from training.model import input_divisor
 from training.tta import predict_logits
@@ -206,19 +205,3 @@ def test_prepare_export_dir_wants_a_new_or_empty_directory(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match="not a directory"):
         prepare_export_dir(tmp_path / "file")
-
-
-def test_visualize_writes_colours_and_an_overlay_at_prediction_size(tmp_path):
-    pred = np.zeros((32, 64), dtype=np.int64)
-    pred[:, 32:] = 13                              # car on the right half
-    pred[0, 0] = 255
-    image = np.full((16, 32, 3), 200, dtype=np.uint8)   # half-size image is resized up
-    colour_path, overlay_path = visualize(image, torch.from_numpy(pred), tmp_path, "ulm/ulm_000000_000019")
-    assert colour_path == tmp_path / "ulm" / "ulm_000000_000019_color.png"
-    assert overlay_path == tmp_path / "ulm" / "ulm_000000_000019_overlay.png"
-    colour = np.asarray(Image.open(colour_path))
-    overlay = np.asarray(Image.open(overlay_path))
-    assert colour.shape == overlay.shape == (32, 64, 3)
-    assert tuple(colour[5, 5]) == (128, 64, 128) and tuple(colour[5, 40]) == (0, 0, 142)
-    assert tuple(colour[0, 0]) == (0, 0, 0)
-    assert tuple(overlay[5, 40]) == (100, 100, 171)      # 0.5 * 200 + 0.5 * (0, 0, 142)

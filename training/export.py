@@ -1,4 +1,4 @@
-"""Predictions in the official benchmark format, and colour pictures of them.
+"""Predictions in the official benchmark format (pictures of them: training/overlays.py).
 
 The benchmark server and cityscapesscripts' `evalPixelLevelSemanticLabeling` want, per frame, a
 single-channel uint8 PNG of labelIds (not trainIds) whose name starts with
@@ -105,31 +105,11 @@ def export_predictions(preds, frame_names: Sequence[str], out_dir: str | os.Path
     return written
 
 
-def visualize(image_uint8, pred, out_dir: str | os.PathLike, frame_name: str, *,
-              alpha: float = 0.5) -> list[Path]:
-    """Write `<city>/<stem>_color.png` (the prediction in official colours) and
-    `<city>/<stem>_overlay.png` (it blended over the image, resized to the prediction's size)."""
-    from PIL import Image
-
-    city, stem = frame_file_stem(frame_name)
-    colour = colorize(pred)
-    image = _as_numpy(image_uint8).astype(np.uint8)
-    if image.shape[:2] != colour.shape[:2]:
-        size = (colour.shape[1], colour.shape[0])
-        image = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
-    overlay = (image * (1.0 - alpha) + colour * alpha).round().astype(np.uint8)
-    folder = Path(out_dir) / city
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = [folder / f"{stem}_color.png", folder / f"{stem}_overlay.png"]
-    Image.fromarray(colour).save(paths[0], compress_level=PNG_COMPRESS_LEVEL)
-    Image.fromarray(overlay).save(paths[1], compress_level=PNG_COMPRESS_LEVEL)
-    return paths
-
-
 class PngWriter:
     """Writes the export and visualisation PNGs of prediction batches in background threads
     (PIL's zlib releases the GIL), so that writing overlaps inference. Does nothing when
-    neither directory is given. Overlays are drawn on the stored frame, read from the cache."""
+    neither directory is given. Overlays are drawn on the stored frame and its ground truth,
+    read from the cache."""
 
     def __init__(self, cache_path: str, split: str, frame_names: Sequence[str],
                  export_dir: Path | None, visualize_dir: Path | None):
@@ -157,9 +137,12 @@ class PngWriter:
         if self.export_dir is not None:
             export_predictions(preds, names, self.export_dir)
         if self.visualize_dir is not None:
+            from training.overlays import visualize
+
             for pred, row, name in zip(preds, rows, names):
-                image, _ = self.reader.read_frame(self.split, row)   # stored pixels, full size
-                visualize(image, pred, self.visualize_dir, name)
+                image, mask = self.reader.read_frame(self.split, row)   # stored, full size
+                visualize(image, pred, self.visualize_dir, name, gt=mask,
+                          ignore_index=self.reader.ignore_index)
 
     def finish(self) -> None:
         """Wait for every write; a writer's error is raised here."""
