@@ -12,12 +12,17 @@ Rules:
   train_extra gtCoarse/train_extra); there every image must have its polygon file;
 - a split without that folder (e.g. test without gtFine/test) is *unlabelled*: its frames
   have polygons=None, and `unlabelled_splits()` names such splits so callers can say so;
+- so is a split whose polygon files are all placeholders: the release's gtFine/test holds,
+  per frame, only what camera calibration knows (ego vehicle, rectification border, out of
+  roi; no class that is evaluated), since the test labels are kept for the benchmark server.
+  A real labelled split shows a class in its first file, so the check costs one read there;
 - train_extra has only coarse labels, so it is used only with coarse=True: with
   splits=None and coarse=False it is left out; asking for it by name without coarse=True
   is an error (the fine-only user would otherwise silently get 20k unlabelled frames).
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -119,7 +124,26 @@ def _discover_split(root: Path, split: str) -> list[Frame]:
                 polygons = gt_dir / city_dir.name / (stem + gt_suffix)
             frames.append(Frame(f"{city_dir.name}/{stem}", entry, polygons))
     frames.sort(key=lambda f: f.name)
+    if labelled and frames and all(_is_placeholder(f.polygons) for f in frames):
+        return [Frame(f.name, f.image, None) for f in frames]
     return frames
+
+
+def _is_placeholder(polygons: Path) -> bool:
+    """True when the file names only labels that are never evaluated (ego vehicle, out of roi...).
+    A file we cannot read counts as real labels: the build then reports it, naming the file."""
+    from cityscapesscripts.helpers.labels import name2label
+
+    try:
+        objects = json.loads(polygons.read_text())["objects"]
+        names = [str(o["label"]) for o in objects if not o.get("deleted")]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+    for name in names:
+        label = name2label.get(name) or name2label.get(name[:-len("group")] if name.endswith("group") else name)
+        if label is None or not label.ignoreInEval:
+            return False
+    return True
 
 
 def _city_dirs(split_dir: Path) -> list[Path]:

@@ -114,3 +114,19 @@ def write_stats(stats: dict, cache: str | os.PathLike, json_path: str | os.PathL
     except OSError as exc:
         raise UserError(f"--json {path}: cannot write ({exc.strerror or exc})") from None
     return path
+
+
+_UNITS = ("", " k", " M", " G", " T", " P")
+
+
+def compact_number(value: float) -> str:
+    """At most 7 characters, for tables that must fit 80 columns and logs: below 1000 as is
+    (floats with 3 decimals), above with 3 significant digits and an SI unit ('2.04 G' for a
+    10-digit Cityscapes pixel count, '49.5 k'), never cut and never in exponent form."""
+    if abs(value) < 1000:
+        return f"{value:.3f}" if isinstance(value, float) else str(value)
+    scaled, unit = float(value), 0
+    while abs(scaled) >= 999.5 and unit < len(_UNITS) - 1:
+        scaled, unit = scaled / 1000, unit + 1
+    digits = 2 if abs(scaled) < 10 else 1 if abs(scaled) < 100 else 0
+    return f"{scaled:.{digits}f}{_UNITS[unit]}"

@@ -9,11 +9,19 @@ by our rasteriser ("ids"), which equals cityscapesscripts' json2labelImg. The im
 each label region by class: a class colour plus a class texture (window grid, paving lines,
 leafy blotches, sky gradient, fine grain), so a model can learn the classes from pixels.
 
-Layout written (with_test adds leftImg8bit/test, images only, to exercise unlabelled splits):
+Layout written, the files of the real gtFine_trainvaltest release (with_test adds the test
+split: images, and in gtFine/test the release's placeholders, whose polygons hold only what
+camera calibration knows: ego vehicle, rectification border, out of roi):
 
     OUT/leftImg8bit/{train,val[,test]}/<city>/<city>_<seq>_<frame>_leftImg8bit.png
-    OUT/gtFine/{train,val}/<city>/<city>_<seq>_<frame>_gtFine_polygons.json
-    OUT/gtFine/{train,val}/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png
+    OUT/gtFine/{train,val[,test]}/<city>/<city>_<seq>_<frame>_gtFine_polygons.json
+    OUT/gtFine/{train,val[,test]}/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png     uint8
+    OUT/gtFine/{train,val[,test]}/<city>/<city>_<seq>_<frame>_gtFine_instanceIds.png  uint16
+    OUT/gtFine/{train,val[,test]}/<city>/<city>_<seq>_<frame>_gtFine_color.png        RGBA
+
+labelIds and color are json2labelImg's "ids" and "color" encodings, instanceIds is
+json2instanceImg's (id * 1000 + instance for classes with instances, the plain id for
+groups and stuff), pixel for pixel.
 """
 from __future__ import annotations
 
@@ -26,37 +34,78 @@ from PIL import Image
 from cache.errors import UserError
 from dataprep.rasterize import Polygons, PolygonObject, render_label_image
 
+# what the release's gtFine/test polygons hold: only the regions known without annotating
+CALIBRATION_LABELS = ("ego vehicle", "rectification border", "out of roi")
+
 DEFAULT_CITIES = ("aachen", "bochum", "cologne", "darmstadt")
 
 
 def write_synthetic_tree(out: str | Path, frames: int, *, height: int = 1024, width: int = 2048,
                          seed: int = 0, cities: tuple[str, ...] = DEFAULT_CITIES,
-                         val_fraction: float = 0.25, with_test: bool = False) -> dict[str, list[str]]:
+                         val_fraction: float = 0.25, with_test: bool = False, photo: bool = False,
+                         workers: int = 1, progress=None) -> dict[str, list[str]]:
     """Write `frames` labelled frames in total (train + val) under `out`; split -> sorted frame names.
 
     val gets max(2, round(frames * val_fraction)) frames and train the rest, so each has at
     least 2 frames; frames are dealt to `cities` in turn, so with 2+ cities each split spans
-    2+ cities. with_test adds a test split of as many frames as val, images only. The same
-    arguments give the same files byte for byte.
+    2+ cities. with_test adds a test split of as many frames as val, with the release's
+    placeholder ground truth (see the module docstring). The same
+    arguments give the same files byte for byte, whatever `workers`.
+
+    photo: photo-like images (`photo_like`), PNGs of ~2.3 MB at 2048x1024 as the real ones.
+    workers: processes that write frames (each frame has its own seeded generator, so the
+    output does not depend on it); progress() is called once per frame written.
     """
     counts = _split_counts(frames, val_fraction, with_test)
     if len(cities) < 2 or len(set(cities)) != len(cities):
         raise UserError(f"cities must be at least 2 distinct names, got {cities!r}")
     if height < 64 or width < 64:
         raise UserError(f"synthetic frames must be at least 64x64, got {width}x{height}")
+    if workers is not None and workers < 1:
+        raise UserError(f"--workers must be at least 1, got {workers}")
     out = Path(out)
-    names = {}
+    names, tasks = {}, []
     for split_index, (split, count) in enumerate(counts.items()):
         names[split] = []
         for i in range(count):
             city = cities[i % len(cities)]
             # seq numbers differ per split so that no two frames of the tree share a name
             stem = f"{city}_{split_index * 1000 + i // len(cities):06d}_{19 + 10 * i:06d}"
-            rng = np.random.default_rng([seed, split_index, i])
-            _write_frame(out, split, city, stem, rng, height, width, labelled=split != "test")
+            tasks.append((out, split, city, stem, (seed, split_index, i), height, width, split != "test", photo))
             names[split].append(f"{city}/{stem}")
         names[split].sort()
+    _run_frame_tasks(tasks, workers, progress)
     return names
+
+
+def synthetic_frame_count(frames: int, *, val_fraction: float = 0.25, with_test: bool = False) -> int:
+    """How many frames write_synthetic_tree writes (the total of its progress)."""
+    return sum(_split_counts(frames, val_fraction, with_test).values())
+
+
+def _frame_task(task) -> None:
+    out, split, city, stem, seeds, height, width, labelled, photo = task
+    _write_frame(out, split, city, stem, np.random.default_rng(list(seeds)), height, width, labelled,
+                 photo=photo)
+
+
+def _run_frame_tasks(tasks: list, workers: int | None, progress) -> None:
+    """Every frame task, in this process (workers=1) or a pool of `workers` (None: every core)."""
+    from dataprep.build import default_workers, worker_context
+
+    workers = min(workers or default_workers(), len(tasks))
+    if workers <= 1:
+        for task in tasks:
+            _frame_task(task)
+            if progress is not None:
+                progress()
+        return
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(workers, mp_context=worker_context()) as pool:
+        for _ in pool.map(_frame_task, tasks, chunksize=1):
+            if progress is not None:
+                progress()
 
 
 def _json_text(doc: dict) -> str:
@@ -81,24 +130,70 @@ def _split_counts(frames: int, val_fraction: float, with_test: bool) -> dict[str
 def synthetic_frame(rng: np.random.Generator, height: int, width: int):
     """(polygon document as written to JSON, labelIds uint8 (H, W), RGB image uint8 (H, W, 3))."""
     doc = {"imgHeight": height, "imgWidth": width, "objects": compose_scene(rng, height, width)}
-    objects = [PolygonObject(o["label"], o["polygon"], bool(o.get("deleted", 0))) for o in doc["objects"]]
-    ids = render_label_image(Polygons(height, width, objects, "<synthetic>"), "ids")
+    ids = _label_ids(doc)
     return doc, ids, paint_image(ids, rng)
 
 
+def _label_ids(doc: dict) -> np.ndarray:
+    """labelIds uint8 (H, W) of a polygon document (json2labelImg's "ids", by our rasteriser)."""
+    objects = [PolygonObject(o["label"], o["polygon"], bool(o.get("deleted", 0))) for o in doc["objects"]]
+    return render_label_image(Polygons(doc["imgHeight"], doc["imgWidth"], objects, "<synthetic>"), "ids")
+
+
 def _write_frame(out: Path, split: str, city: str, stem: str, rng: np.random.Generator,
-                 height: int, width: int, labelled: bool) -> None:
+                 height: int, width: int, labelled: bool, photo: bool = False) -> None:
     doc, ids, rgb = synthetic_frame(rng, height, width)
     image_dir = out / "leftImg8bit" / split / city
     image_dir.mkdir(parents=True, exist_ok=True)
-    # compress_level=1: the pixels decode the same, and writing is several times faster
-    Image.fromarray(rgb).save(image_dir / f"{stem}_leftImg8bit.png", compress_level=1)
+    if photo:  # zlib's default level, as the real PNGs: their size and decode cost
+        Image.fromarray(photo_like(rgb, rng)).save(image_dir / f"{stem}_leftImg8bit.png")
+    else:  # compress_level=1: the pixels decode the same, and writing is several times faster
+        Image.fromarray(rgb).save(image_dir / f"{stem}_leftImg8bit.png", compress_level=1)
     if not labelled:
-        return
-    gt_dir = out / "gtFine" / split / city
+        doc = placeholder_document(doc)
+        ids = _label_ids(doc)
+    write_ground_truth(out / "gtFine" / split / city, stem, doc, ids)
+
+
+def placeholder_document(doc: dict) -> dict:
+    """The polygon document the release ships for a test frame: the calibration regions only."""
+    objects = [o for o in doc["objects"] if o["label"] in CALIBRATION_LABELS and not o.get("deleted")]
+    return {"imgHeight": doc["imgHeight"], "imgWidth": doc["imgWidth"], "objects": objects}
+
+
+def write_ground_truth(gt_dir: Path, stem: str, doc: dict, ids: np.ndarray) -> None:
+    """The four gtFine files of a frame, as cityscapesscripts makes them from the polygons."""
     gt_dir.mkdir(parents=True, exist_ok=True)
-    (gt_dir / f"{stem}_gtFine_polygons.json").write_text(_json_text(doc))
+    text = _json_text(doc)
+    (gt_dir / f"{stem}_gtFine_polygons.json").write_text(text)
     Image.fromarray(ids).save(gt_dir / f"{stem}_gtFine_labelIds.png")
+    Image.fromarray(instance_ids(text)).save(gt_dir / f"{stem}_gtFine_instanceIds.png", compress_level=1)
+    Image.fromarray(_COLOURS[ids]).save(gt_dir / f"{stem}_gtFine_color.png", compress_level=1)
+
+
+def instance_ids(json_text: str) -> np.ndarray:
+    """uint16 (H, W): json2instanceImg's image. Its own save fails with recent Pillow (13 here
+    writes no 32-bit "I" PNG); older Pillow wrote these values as a 16-bit PNG, as we do."""
+    from cityscapesscripts.helpers.annotation import Annotation
+    from cityscapesscripts.preparation.json2instanceImg import createInstanceImage
+
+    annotation = Annotation()
+    annotation.fromJsonText(json_text)
+    return np.asarray(createInstanceImage(annotation, "ids"), dtype=np.uint16)
+
+
+def _colour_table() -> np.ndarray:
+    """labelId -> RGBA: json2labelImg's "color" draws label.color, opaque, where "ids" draws label.id."""
+    from cityscapesscripts.helpers.labels import labels
+    table = np.zeros((256, 4), np.uint8)
+    table[:, 3] = 255
+    for label in labels:
+        if label.id >= 0:
+            table[label.id, :3] = label.color
+    return table
+
+
+_COLOURS = _colour_table()
 
 
 # --- scene geometry -------------------------------------------------------------------------
@@ -457,6 +552,22 @@ def paint_image(ids: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     image += shade[..., None]
     image *= np.asarray(rng.uniform(0.85, 1.15) * rng.uniform(0.95, 1.05, size=3), np.float32)
     return np.clip(image, 0, 255).astype(np.uint8)
+
+
+PHOTO_BLUR = 1.0   # px: the optics' softening of every edge
+PHOTO_NOISE = 0.6  # grey levels: sensor noise; with the blur, ~2.3 MB PNGs at 2048x1024
+
+
+def photo_like(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A painted frame as a camera would give it: edges softened (Gaussian blur) and sensor
+    noise. What matters for a benchmark: the PNG weighs and decodes like a real leftImg8bit
+    frame (~2.3 MB at 2048x1024 against ~2.1 MB real); the flat class colours compress 3x
+    better and decode faster than photographs do."""
+    from PIL import ImageFilter
+
+    soft = np.asarray(Image.fromarray(rgb).filter(ImageFilter.GaussianBlur(PHOTO_BLUR)), dtype=np.float32)
+    soft += rng.standard_normal(soft.shape, dtype=np.float32) * PHOTO_NOISE
+    return np.clip(np.rint(soft), 0, 255).astype(np.uint8)
 
 
 def _texture_field(kind: str, h: int, w: int, rng: np.random.Generator) -> np.ndarray:

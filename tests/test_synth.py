@@ -1,4 +1,6 @@
-"""The synthetic Cityscapes tree: official layout, exact labelIds, learnable and deterministic images."""
+"""The synthetic Cityscapes tree: official layout, the release's four gtFine files made as
+cityscapesscripts makes them, test placeholders, learnable and deterministic images; and the
+field's tools (torchvision, cityscapesscripts, our build) reading it."""
 from __future__ import annotations
 
 import json
@@ -6,17 +8,20 @@ from itertools import combinations
 
 import numpy as np
 import pytest
+from cityscapesscripts.helpers.annotation import Annotation
 from cityscapesscripts.helpers.labels import id2label
+from cityscapesscripts.preparation.json2instanceImg import createInstanceImage
 from cityscapesscripts.preparation.json2labelImg import json2labelImg
 from PIL import Image
 
 from cache.errors import UserError
 from dataprep.discover import discover, unlabelled_splits
 from dataprep.rasterize import render_trainids
-from dataprep.synth import synthetic_frame, write_synthetic_tree
+from dataprep.synth import CALIBRATION_LABELS, synthetic_frame, write_synthetic_tree
 
 H, W = 256, 512
 TRAIN_ID = np.array([id2label[i].trainId if i in id2label else 255 for i in range(256)], np.uint8)
+GT_FILES = ("polygons.json", "labelIds.png", "instanceIds.png", "color.png")
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +36,12 @@ def test_layout_matches_discover(tree):
     found = discover(root)
     assert list(found) == ["train", "val", "test"]
     assert {split: [f.name for f in frames] for split, frames in found.items()} == names
-    assert unlabelled_splits(found) == ["test"]
-    assert not (root / "gtFine" / "test").exists()
+    assert unlabelled_splits(found) == ["test"]  # gtFine/test holds the release's placeholders only
+    for split in ("train", "val", "test"):
+        for name in names[split]:
+            city, stem = name.split("/")
+            for suffix in GT_FILES:
+                assert (root / "gtFine" / split / city / f"{stem}_gtFine_{suffix}").is_file()
     for split in ("train", "val"):
         assert len({name.split("/")[0] for name in names[split]}) >= 2  # at least two cities
         for frame in found[split]:
@@ -133,3 +142,99 @@ def test_deterministic(tmp_path):
     assert a == b == c  # names depend on the count, not the seed
     assert files(tmp_path / "a") == files(tmp_path / "b")
     assert files(tmp_path / "a") != files(tmp_path / "c")
+
+
+def gt_path(root, split, name, suffix):
+    city, stem = name.split("/")
+    return root / "gtFine" / split / city / f"{stem}_gtFine_{suffix}"
+
+
+def test_instance_and_colour_images_equal_cityscapesscripts(tree, tmp_path):
+    root, names = tree
+    for split in ("train", "val", "test"):
+        for name in names[split]:
+            polygons = gt_path(root, split, name, "polygons.json")
+            annotation = Annotation()
+            annotation.fromJsonFile(str(polygons))
+            expected = np.asarray(createInstanceImage(annotation, "ids"))  # json2instanceImg's image
+            written = Image.open(gt_path(root, split, name, "instanceIds.png"))
+            assert written.mode.startswith("I;16")  # a 16-bit PNG, as in the release
+            assert np.array_equal(np.asarray(written), expected)
+            json2labelImg(str(polygons), str(tmp_path / "color.png"), "color")
+            colour = Image.open(gt_path(root, split, name, "color.png"))
+            assert colour.mode == "RGBA"
+            assert np.array_equal(np.asarray(colour), np.asarray(Image.open(tmp_path / "color.png")))
+    # instances: several cars are told apart (26000, 26001, ...), a car group keeps the class id 26
+    values = np.unique(np.concatenate([np.unique(np.asarray(Image.open(gt_path(root, s, n, "instanceIds.png"))))
+                                       for s in ("train", "val") for n in names[s]]))
+    assert {26000, 26001} <= set(values.tolist()) and (values // 1000 == 24).any()
+
+
+def test_test_split_holds_the_release_placeholders(tree):
+    root, names = tree
+    for name in names["test"]:
+        doc = json.loads(gt_path(root, "test", name, "polygons.json").read_text())
+        assert {o["label"] for o in doc["objects"]} == set(CALIBRATION_LABELS)
+        ids = np.asarray(Image.open(gt_path(root, "test", name, "labelIds.png")))
+        assert set(np.unique(ids)) <= {0, 1, 2, 3} and (TRAIN_ID[ids] == 255).all()
+        assert np.array_equal(np.asarray(Image.open(gt_path(root, "test", name, "instanceIds.png"))), ids)
+
+
+def test_torchvision_reads_every_split_and_target_type(tree):
+    from torchvision.datasets import Cityscapes
+
+    root, names = tree
+    for split in ("train", "val", "test"):
+        dataset = Cityscapes(str(root), split=split, mode="fine",
+                             target_type=["instance", "semantic", "polygon", "color"])
+        assert len(dataset) == len(names[split])
+        for index in range(len(dataset)):
+            image, (instance, semantic, polygon, colour) = dataset[index]
+            assert image.mode == "RGB" and image.size == (W, H)
+            ids = np.asarray(semantic)
+            assert ids.shape == (H, W) and np.asarray(colour).shape == (H, W, 4)
+            inst = np.asarray(instance).astype(np.int64)
+            assert np.array_equal(np.where(inst >= 1000, inst // 1000, inst), ids)
+            assert polygon["imgHeight"] == H and len(polygon["objects"]) >= 3
+
+
+def test_cityscapesscripts_preparation_runs_on_the_tree(tree, tmp_path, monkeypatch):
+    """createTrainIdLabelImgs (reads $CITYSCAPES_DATASET) and createPanopticImgs, on a copy."""
+    import shutil
+
+    from cityscapesscripts.preparation import createPanopticImgs, createTrainIdLabelImgs
+
+    root, names = tree
+    copy = tmp_path / "cs"
+    shutil.copytree(root, copy)
+    monkeypatch.setenv("CITYSCAPES_DATASET", str(copy))
+    createTrainIdLabelImgs.main()
+    for split in ("train", "val"):
+        for name in names[split]:
+            written = np.asarray(Image.open(gt_path(copy, split, name, "labelTrainIds.png")))
+            assert np.array_equal(written, render_trainids(gt_path(copy, split, name, "polygons.json")))
+    (tmp_path / "panoptic").mkdir()
+    createPanopticImgs.convert2panoptic(str(copy / "gtFine"), str(tmp_path / "panoptic"))
+    doc = json.loads((tmp_path / "panoptic" / "cityscapes_panoptic_val.json").read_text())
+    assert [a["image_id"] for a in doc["annotations"]] == [n.split("/")[1] for n in names["val"]]
+    first = doc["annotations"][0]
+    instance = np.asarray(Image.open(gt_path(copy, "val", names["val"][0], "instanceIds.png")))
+    evaluated = {v for v in np.unique(instance).tolist() if not id2label[v // 1000 if v >= 1000 else v].ignoreInEval}
+    assert {segment["id"] for segment in first["segments_info"]} == evaluated
+
+
+def test_dataprep_build_reads_the_tree_and_leaves_test_unlabelled(tree, tmp_path):
+    from cache.reader import CacheReader
+    from dataprep.build import BuildOptions, build_cache
+
+    root, names = tree
+    report = build_cache(BuildOptions(root=root, out=tmp_path / "cache", workers=1))
+    assert report.exit_code == 0
+    reader = CacheReader(tmp_path / "cache")
+    assert reader.split_names() == ["test", "train", "val"]
+    assert not reader.split("test").has_masks and reader.split("train").has_masks
+    assert list(reader.split("test").frames) == names["test"]
+    image, _ = reader.read_frame("test", 0)
+    city, stem = names["test"][0].split("/")
+    assert np.array_equal(image, np.asarray(Image.open(root / "leftImg8bit" / "test" / city /
+                                                       f"{stem}_leftImg8bit.png")))
