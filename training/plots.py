@@ -1,9 +1,10 @@
 """The run's record: metrics.jsonl (one JSON object a line) and the PNG plots drawn from it.
 
 Lines have "event": "train" (step, epoch, loss, lr, images_per_s) or "eval" (step, epoch,
-miou, pixel_accuracy, class_iou, category_iou, ...). Plots (matplotlib, Agg backend):
-loss.png (train loss and lr by step), miou.png (val mIoU and pixel accuracy by step) and
-class_iou.png (per-class IoU of the best evaluation).
+miou, pixel_accuracy, class_iou, category_iou, val_loss, ...). Plots (matplotlib, Agg backend):
+loss.png (train loss, val loss where the eval lines have it, and lr by step), miou.png (val
+mIoU and pixel accuracy by step) and class_iou.png (per-class IoU of the best evaluation, each
+bar labelled with its value).
 """
 from __future__ import annotations
 
@@ -56,27 +57,46 @@ def _figure():
 
 
 def _save(fig, path: Path) -> Path:
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    os.replace(tmp, path)
-    return path
+    """Write the figure atomically and free it."""
+    import matplotlib.pyplot as plt
 
-
-def plot_loss(train: list[dict], path: Path) -> Path:
-    plt = _figure()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in train], [r["loss"] for r in train], color="tab:blue")
-    ax.set_xlabel("step")
-    ax.set_ylabel("train loss", color="tab:blue")
-    ax.set_yscale("log" if all(r["loss"] > 0 for r in train) else "linear")
-    lr_axis = ax.twinx()
-    lr_axis.plot([r["step"] for r in train], [r["lr"] for r in train], color="tab:orange", alpha=0.6)
-    lr_axis.set_ylabel("learning rate", color="tab:orange")
-    ax.grid(alpha=0.3)
     try:
-        return _save(fig, path)
+        tmp = path.with_name(path.stem + ".tmp.png")
+        fig.savefig(tmp, dpi=100, bbox_inches="tight")
+        os.replace(tmp, path)
+        return path
     finally:
         plt.close(fig)
+
+
+def plot_loss(train: list[dict], path: Path, evals: list[dict] = ()) -> Path:
+    return _save(loss_figure(train, evals), path)
+
+
+def loss_figure(train: list[dict], evals: list[dict] = ()):
+    """Train loss (and the validation loss of eval lines that have `val_loss`) on one log
+    axis, the learning rate on a second one."""
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], color="tab:blue",
+            label="train loss")
+    val = [r for r in evals if r.get("val_loss") is not None]
+    if val:
+        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], color="tab:red",
+                marker="o", label="val loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    losses = [r["loss"] for r in train] + [r["val_loss"] for r in val]
+    ax.set_yscale("log" if all(v > 0 for v in losses) else "linear")
+    lr_axis = ax.twinx()
+    lr_axis.plot([r["step"] for r in train], [r["lr"] for r in train], color="tab:orange",
+                 alpha=0.6, label="learning rate")
+    lr_axis.set_ylabel("learning rate", color="tab:orange")
+    ax.grid(alpha=0.3)
+    handles = ax.get_legend_handles_labels()
+    extra = lr_axis.get_legend_handles_labels()
+    ax.legend(handles[0] + extra[0], handles[1] + extra[1], loc="upper right")
+    return fig
 
 
 def plot_miou(evals: list[dict], path: Path) -> Path:
@@ -91,31 +111,41 @@ def plot_miou(evals: list[dict], path: Path) -> Path:
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
     ax.legend()
-    try:
-        return _save(fig, path)
-    finally:
-        plt.close(fig)
+    return _save(fig, path)
 
 
 def plot_class_iou(record: dict, path: Path) -> Path:
+    return _save(class_iou_figure(record), path)
+
+
+def class_iou_figure(record: dict):
+    """One bar per class with its IoU written on it: a class at 0 shows "0.0" and its name in
+    red; one with no score (absent from ground truth and prediction) shows "n/a"."""
     plt = _figure()
     names = list(record["class_iou"])
-    values = [0.0 if v is None else 100 * v for v in record["class_iou"].values()]
+    scores = list(record["class_iou"].values())
+    values = [0.0 if v is None else 100 * v for v in scores]
     fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(names)), 4))
     bars = ax.bar(range(len(names)), values, color="tab:green")
-    for bar, value in zip(bars, record["class_iou"].values()):
-        if value is None:                     # absent from GT and prediction: no score
+    for bar, score, value in zip(bars, scores, values):
+        if score is None:
             bar.set_hatch("//")
+        text = "n/a" if score is None else f"{value:.1f}"
+        ax.annotate(text, (bar.get_x() + bar.get_width() / 2, value), xytext=(0, 2),
+                    textcoords="offset points", ha="center", va="bottom", rotation=90,
+                    fontsize=8, color="tab:red" if score == 0 else "0.2",
+                    fontweight="bold" if score == 0 else "normal")
     ax.set_xticks(range(len(names)), names, rotation=60, ha="right")
+    for tick, score in zip(ax.get_xticklabels(), scores):
+        if score == 0:                        # a class the model never gets right
+            tick.set_color("tab:red")
     ax.set_ylabel("IoU %")
-    ax.set_ylim(0, 100)
+    ax.set_ylim(0, 112)                       # room for the value over a bar at 100
+    ax.set_yticks(range(0, 101, 20))
     miou = record.get("miou")
     ax.set_title(f"step {record['step']}: mIoU {'n/a' if miou is None else f'{100 * miou:.1f}'}")
     ax.grid(axis="y", alpha=0.3)
-    try:
-        return _save(fig, path)
-    finally:
-        plt.close(fig)
+    return fig
 
 
 def write_plots(records: list[dict], out_dir: str | os.PathLike) -> list[Path]:
@@ -125,7 +155,7 @@ def write_plots(records: list[dict], out_dir: str | os.PathLike) -> list[Path]:
     evals = [r for r in records if r.get("event") == "eval"]
     written = []
     if train:
-        written.append(plot_loss(train, out_dir / "loss.png"))
+        written.append(plot_loss(train, out_dir / "loss.png", evals))
     if evals:
         written.append(plot_miou(evals, out_dir / "miou.png"))
         scored = [r for r in evals if r.get("miou") is not None] or evals
