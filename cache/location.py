@@ -23,7 +23,7 @@ API (every command-line layer may use it; nothing heavy is imported):
     default_root(), default_cache()   -> Location from the environment only (root: path None
                                       when the variable is unset)
     Location.path, Location.source, Location.is_default, Location.describe("cache")
-        -> "cache: /abs/cityscapes.zarr (default: ./cityscapes.zarr in the working directory; ...)"
+        -> "cache: /abs/cityscapes.zarr (default ./cityscapes.zarr; --cache or $CITYSCAPES_CACHE to change)"
 """
 from __future__ import annotations
 
@@ -56,8 +56,7 @@ class Location(NamedTuple):
             return f"{what}: not set ({self.source})"
         where = self.path.absolute()
         if self.is_default:
-            return (f"{what}: {where} (default: ./{DEFAULT_CACHE} in the working directory; "
-                    f"--cache or ${CACHE_VAR} to change)")
+            return f"{what}: {where} (default ./{DEFAULT_CACHE}; --cache or ${CACHE_VAR} to change)"
         return f"{what}: {where} (from {self.source})"
 
 

@@ -45,8 +45,7 @@ def test_an_empty_variable_counts_as_unset(monkeypatch, value):
 
 def test_describe_says_where_the_path_came_from(monkeypatch, tmp_path):
     assert resolve_cache(None).describe("cache") == (
-        f"cache: {tmp_path / 'cityscapes.zarr'} (default: ./cityscapes.zarr in the working directory; "
-        f"--cache or ${CACHE_VAR} to change)")
+        f"cache: {tmp_path / 'cityscapes.zarr'} (default ./cityscapes.zarr; --cache or ${CACHE_VAR} to change)")
     monkeypatch.setenv(CACHE_VAR, "rel.zarr")
     assert resolve_cache(None).describe("cache") == f"cache: {tmp_path / 'rel.zarr'} (from ${CACHE_VAR})"
     assert resolve_cache("x.zarr").describe("cache") == f"cache: {tmp_path / 'x.zarr'} (from --cache)"
