@@ -145,6 +145,7 @@ def run_evaluate(checkpoint, cache, split: str = "val", *, loader: str = "torch"
     print_scores(result, console)
     if json_path is not None:
         write_json(result, json_path)
+    print_outputs(result, json_path, console)
     return result
 
 
@@ -188,31 +189,47 @@ def cudnn_autotuned(device: torch.device):
 
 
 def print_scores(result: dict, console) -> None:
-    """Per-class and per-category IoU tables (when there was ground truth), then one summary line."""
-    from rich.table import Table
-
-    def pct(value):
-        return "-" if value is None else f"{100 * value:.2f}"
-
+    """Per-class and per-category IoU tables (when there was ground truth), then one summary
+    line. Numbers are never wrapped or cut, whatever the console width (a log is 80 wide):
+    only names may fold; lines that hold a path are printed whole (soft wrap)."""
     if result["has_masks"]:
-        title = f"{result['split']}: {result['frames']} frames of {result['checkpoint']}"
+        console.print(f"{result['split']}: {result['frames']} frames of {result['checkpoint']}",
+                      soft_wrap=True)
         for caption, key, mean in (("class", "class_iou", "miou"),
                                    ("category", "category_iou", "category_miou")):
-            table = Table(title=title if key == "class_iou" else None, show_footer=True)
-            table.add_column(caption, footer="mean")
-            table.add_column("IoU %", justify="right", footer=pct(result[mean]))
-            for name, iou in result[key].items():
-                table.add_row(name, pct(iou))
-            console.print(table)
-        console.print(f"pixel accuracy {pct(result['pixel_accuracy'])} %")
+            console.print(score_table(caption, result[key], result[mean]))
+        console.print(f"pixel accuracy {_pct(result['pixel_accuracy'])} %")
     else:
         console.print(f"{result['split']}: {result['frames']} frames predicted (no ground truth)")
     if result["latency_ms"] is not None:
         h, w = result["input_hw"]
         console.print(f"latency {result['latency_ms']:.2f} ms/frame (batch 1, input {h}x{w}, "
                       f"{result['device']})")
-    if result["export_dir"]:
-        console.print(f"benchmark PNGs in {result['export_dir']}")
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.2f}"
+
+
+def score_table(caption: str, scores: dict, mean):
+    """name | IoU %, with the mean as footer; the number column never wraps."""
+    from rich.table import Table
+
+    table = Table(show_footer=True)
+    table.add_column(caption, footer="mean", overflow="fold")
+    table.add_column("IoU %", justify="right", footer=_pct(mean), no_wrap=True, min_width=6)
+    for name, iou in scores.items():
+        table.add_row(name, _pct(iou))
+    return table
+
+
+def print_outputs(result: dict, json_path, console) -> None:
+    """Where the run wrote, one whole line each (paths are never broken, even in a log)."""
+    outputs = [("scores", json_path), ("benchmark PNGs", result["export_dir"]),
+               ("overlays", result["visualize_dir"])]
+    for what, path in outputs:
+        if path is not None:
+            console.print(f"{what}: {os.fspath(path)}", soft_wrap=True, highlight=False)
 
 
 def write_json(result: dict, json_path) -> None:
