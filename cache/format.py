@@ -3,19 +3,30 @@
 Layout (Zarr v3; see DESIGN.md):
 
     OUT/                 attrs: format, version, num_classes, ignore_index, class_names
-    OUT/<split>/         attrs: frames (sorted "city/city_seq_frame"), complete
+    OUT/<split>/         attrs: frames (sorted "city/city_seq_frame"), complete, scale
+                         (1.0, or the factor `dataprep build --scale` stored the frames at),
+                         source_size ([H, W] of the raw frames)
     OUT/<split>/images   uint8 (N, H, W, 3) RGB, chunks (1, T, T, 3)
     OUT/<split>/masks    uint8 (N, H, W) trainIds, 255 = ignore, chunks (1, T, T)
-    OUT/<split>/checksums  uint32 (N, 2): crc32 of each row's image and mask bytes
-    OUT/<split>/done     uint8 (N,), one chunk per row: 1 once the row is written and checked
+    OUT/<split>/checksums  uint32 (N, 2): crc32c of each row's image and mask bytes
+    OUT/<split>/done     uint8 (N,): 1 once the row is written and checked
     OUT/stats.json       written by `dataprep stats`
+
+Every array names its dimensions (Zarr v3 `dimension_names`, see DIMENSIONS), so xarray
+opens a split as a Dataset. A complete split, and the root once every split it holds is
+complete, carry zarr's consolidated metadata: outside readers then open them without listing
+the directories (no warning about stats.json, no slow fallback in xarray); the writer removes
+it before it changes anything (cache.writer).
+
+Version history: 1 crc32 checksums, one done chunk per row, no dimension names;
+2 crc32c checksums, done and checksum chunks of BOOKKEEPING_CHUNK rows, dimension names.
 """
 from __future__ import annotations
 
 from cache.errors import UserError
 
 FORMAT_NAME = "cityscapes-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 NUM_CLASSES = 19
 IGNORE_INDEX = 255
 
@@ -31,6 +42,16 @@ MASKS = "masks"
 CHECKSUMS = "checksums"
 DONE = "done"
 STATS_FILE = "stats.json"
+SCALE_ATTR = "scale"
+SOURCE_SIZE_ATTR = "source_size"
+
+# Zarr v3 dimension_names of each array: what xarray needs to open a split as a Dataset.
+DIMENSIONS = {
+    IMAGES: ("frame", "y", "x", "channel"),
+    MASKS: ("frame", "y", "x"),
+    CHECKSUMS: ("frame", "checksum"),  # checksum 0: image bytes, 1: mask bytes
+    DONE: ("frame",),
+}
 
 ROOT_ATTRS = {
     "format": FORMAT_NAME,
@@ -43,6 +64,14 @@ ROOT_ATTRS = {
 
 class CacheError(UserError):
     """The cache is missing, of another format or version, or incomplete."""
+
+
+def open_group(path: str, *, split: str | None = None, mode: str = "r"):
+    """A cache root (or one split) as a zarr group, its metadata read from the files themselves
+    (never from consolidated metadata, which this code writes for outside readers only)."""
+    import zarr
+
+    return zarr.open_group(store=path, path=split or "", mode=mode, use_consolidated=False)
 
 
 def split_group_names(root) -> list[str]:
@@ -63,4 +92,5 @@ def check_root_attrs(path: str, attrs: dict) -> None:
     version = attrs.get("version")
     if version != FORMAT_VERSION:
         raise CacheError(f"{path}: cache format version {version} is not supported by this code "
-                         f"(it reads version {FORMAT_VERSION}); rebuild it with `dataprep build --force`")
+                         f"(it reads version {FORMAT_VERSION}); rebuild it with `dataprep build --force` "
+                         "(same --root and --out)")

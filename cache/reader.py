@@ -11,8 +11,10 @@ from cache.format import (
     DONE,
     IMAGES,
     MASKS,
+    SCALE_ATTR,
     CacheError,
     check_root_attrs,
+    open_group,
     split_group_names,
 )
 
@@ -24,6 +26,7 @@ class SplitInfo:
     height: int
     width: int
     has_masks: bool
+    scale: float = 1.0  # the stored frames are `scale` times the raw ones (dataprep build --scale)
 
     def __len__(self) -> int:
         return len(self.frames)
@@ -42,13 +45,11 @@ class CacheReader:
     # -- opening -------------------------------------------------------------
     def _group(self):
         if self._root is None:
-            import zarr
-
             if not os.path.isdir(self.path):
                 raise CacheError(f"{self.path}: no cache there (not a directory); "
                                  "make one with `dataprep build`")
             try:
-                root = zarr.open_group(store=self.path, mode="r")
+                root = open_group(self.path)
             except Exception as exc:  # zarr raises several kinds for "not a group"
                 raise CacheError(f"{self.path}: not a Zarr v3 group ({type(exc).__name__}); "
                                  "make one with `dataprep build`") from None
@@ -97,7 +98,8 @@ class CacheReader:
         images = group[IMAGES]
         n, h, w, _ = images.shape
         has_masks = MASKS in [k for k, _ in group.arrays()]
-        info = SplitInfo(name, tuple(attrs["frames"]), int(h), int(w), has_masks)
+        info = SplitInfo(name, tuple(attrs["frames"]), int(h), int(w), has_masks,
+                         float(attrs.get(SCALE_ATTR, 1.0)))
         if len(info.frames) != n:
             raise CacheError(f"{self.path}/{name}: {len(info.frames)} frame names for {n} rows")
         self._splits[name] = info

@@ -41,6 +41,25 @@ def _decoder(codecs: list[dict]):
     raise Unsupported(f"compressor {name}")
 
 
+def _encoder(codecs: list[dict]):
+    """bytes -> bytes function that zarr's own codecs of this chain decode (see _decoder)."""
+    names = [c["name"] for c in codecs]
+    if not names or names[0] != "bytes" or len(names) > 2:
+        raise Unsupported(f"codec chain {names}")
+    if len(names) == 1:
+        return bytes
+    conf = codecs[1].get("configuration", {})
+    if names[1] == "zstd":
+        from numcodecs import Zstd
+        return Zstd(level=conf.get("level", 0), checksum=conf.get("checksum", False)).encode
+    if names[1] == "blosc":
+        from numcodecs import Blosc
+        shuffle = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[conf.get("shuffle", "noshuffle")]
+        return Blosc(cname=conf.get("cname", "lz4"), clevel=conf.get("clevel", 5), shuffle=shuffle,
+                     blocksize=conf.get("blocksize", 0)).encode
+    raise Unsupported(f"compressor {names[1]}")
+
+
 class _Rows:
     shape: tuple[int, ...]
 
@@ -69,14 +88,12 @@ def open_windows(path: str, *, cache_index: bool = True) -> "TileArray | ZarrWin
         return ZarrWindows(path)
 
 
-class TileArray(_Rows):
-    """One uint8 array of the cache (images or masks), read tile by tile from its files."""
+class _Layout:
+    """What the direct reader and writer need of an array's zarr.json: shape, tiles, files,
+    codecs. Unsupported for anything but the layouts our writer makes."""
 
-    def __init__(self, path: str, *, cache_index: bool = True):
-        """cache_index=False re-reads a shard's index on every tile: for checks of files that
-        were just (re)written; readers of a finished cache keep it (one pread per tile)."""
+    def __init__(self, path: str):
         self.path = path
-        self._cache_index = cache_index
         with open(os.path.join(path, "zarr.json")) as f:
             meta = json.load(f)
         if meta.get("data_type") != "uint8" or meta["chunk_grid"]["name"] != "regular":
@@ -94,24 +111,35 @@ class TileArray(_Rows):
                 raise Unsupported("codecs after sharding")
             conf = codecs[0]["configuration"]
             self.tile_shape = tuple(conf["chunk_shape"])
-            self._decode = _decoder(conf["codecs"])
+            self._codecs = conf["codecs"]
             index_names = [c["name"] for c in conf["index_codecs"]]
             if index_names not in (["bytes"], ["bytes", "crc32c"]) or \
                     conf["index_codecs"][0].get("configuration", {}).get("endian", "little") != "little":
                 raise Unsupported(f"shard index codecs {index_names}")
+            self._index_crc = len(index_names) == 2
             self._index_at_end = conf.get("index_location", "end") == "end"
             self._tiles_per_file = tuple(f // t for f, t in zip(self.file_shape, self.tile_shape))
-            self._index_bytes = prod(self._tiles_per_file) * 16 + 4 * (len(index_names) == 2)
+            self._index_bytes = prod(self._tiles_per_file) * 16 + 4 * self._index_crc
             self.sharded = True
         else:
             self.tile_shape = self.file_shape
-            self._decode = _decoder(codecs)
+            self._codecs = codecs
             self.sharded = False
+        self._decode = _decoder(self._codecs)
         if self.tile_shape[0] != 1 or self.tile_shape[3:] != self.shape[3:]:
             raise Unsupported("tiles must hold one row and every channel")
 
     def _file(self, key: tuple[int, ...]) -> str:
         return os.path.join(self.path, "c" + self._sep + self._sep.join(map(str, key)))
+
+class TileArray(_Layout, _Rows):
+    """One uint8 array of the cache (images or masks), read tile by tile from its files."""
+
+    def __init__(self, path: str, *, cache_index: bool = True):
+        """cache_index=False re-reads a shard's index on every tile: for checks of files that
+        were just (re)written; readers of a finished cache keep it (one pread per tile)."""
+        super().__init__(path)
+        self._cache_index = cache_index
 
     def _tile(self, row: int, ty: int, tx: int) -> np.ndarray | None:
         """Decoded tile (tile_h, tile_w[, C]) at tile coordinates, or None where never written."""
@@ -180,3 +208,74 @@ def _read_shard_index(path: str, nbytes: int, at_end: bool, tiles: int) -> np.nd
     finally:
         os.close(fd)
     return np.frombuffer(raw[:tiles * 16], dtype="<u8").reshape(-1, 2)
+
+
+class TileWriter(_Layout):
+    """Writes whole rows of one array in the layouts our writer makes, as zarr would store them
+    (the Zarr v3 sharding spec: tiles, then an index of (offset, nbytes) per tile in C order
+    plus its crc32c), without zarr's per-chunk async machinery: a 2048x1024 frame's shard
+    costs one encode per tile and one file write. Every file goes to a temporary name first and
+    is renamed, as zarr's LocalStore does, so a kill leaves the old file or the new one."""
+
+    def __init__(self, path: str):
+        super().__init__(path)
+        self._encode = _encoder(self._codecs)
+        if self.sharded and not self._index_at_end:
+            raise Unsupported("shard index at the start")
+        if self.sharded and self.file_shape[1:3] != tuple(-(-s // t) * t for s, t in
+                                                           zip(self.shape[1:3], self.tile_shape[1:3])):
+            raise Unsupported("more than one shard per row")
+
+    def write_row(self, row: int, values: np.ndarray) -> dict[str, bytes]:
+        """Write one row (shape[1:]); returns {file path: bytes written}."""
+        values = np.asarray(values)
+        if values.shape != self.shape[1:] or values.dtype != np.uint8:
+            raise ValueError(f"row of {values.dtype} {values.shape}, expected uint8 {self.shape[1:]}")
+        th, tw = self.tile_shape[1:3]
+        grid = (-(-self.shape[1] // th), -(-self.shape[2] // tw))
+        extra = (0,) * (len(self.shape) - 3)
+        tiles = [((ty, tx), self._encode(self._tile_bytes(values, ty, tx)))
+                 for ty in range(grid[0]) for tx in range(grid[1])]
+        if not self.sharded:
+            files = {self._file((row, ty, tx) + extra): data for (ty, tx), data in tiles}
+        else:
+            files = {self._file((row, 0, 0) + extra): self._shard(tiles)}
+        for path, data in files.items():
+            _write_atomically(path, data)
+        return files
+
+    def _tile_bytes(self, values: np.ndarray, ty: int, tx: int) -> np.ndarray:
+        """The tile's pixels in C order; an edge tile is padded with the fill value, as zarr does."""
+        th, tw = self.tile_shape[1:3]
+        part = values[ty * th:(ty + 1) * th, tx * tw:(tx + 1) * tw]
+        if part.shape[:2] == (th, tw):
+            return np.ascontiguousarray(part)
+        tile = np.full(self.tile_shape[1:], self.fill_value, dtype=np.uint8)
+        tile[:part.shape[0], :part.shape[1]] = part
+        return tile
+
+    def _shard(self, tiles: list) -> bytes:
+        """Tiles back to back, then the index: (offset, nbytes) per tile in C order, crc32c."""
+        import google_crc32c
+
+        index = np.empty((len(tiles), 2), dtype="<u8")
+        offset = 0
+        for i, (_, data) in enumerate(tiles):
+            index[i] = offset, len(data)
+            offset += len(data)
+        index_bytes = index.tobytes()
+        if self._index_crc:
+            index_bytes += int(google_crc32c.value(index_bytes)).to_bytes(4, "little")
+        return b"".join([*(memoryview(data).cast("B") for _, data in tiles), index_bytes])
+
+
+def _write_atomically(path: str, data: bytes) -> None:
+    tmp = f"{path}.{os.getpid()}.partial"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+    except FileNotFoundError:  # the row's first file: its folders do not exist yet
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(data)
+    os.replace(tmp, path)

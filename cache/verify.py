@@ -2,7 +2,7 @@
 
 Checked: the root attributes (exactly cache.format.ROOT_ATTRS); per split its attributes
 (`frames` sorted and unique, `complete` true), the arrays' presence, dtypes and shapes; per
-row its done flag, the crc32 of its image and mask bytes against the checksums recorded at
+row its done flag, the crc32c of its image and mask bytes against the checksums recorded at
 build time (a tile that no longer decodes is a fault too), and the mask values (trainIds
 0..num_classes-1 or the ignore index). Every fault is reported with the frame's name.
 """
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cache.format import CHECKSUMS, DONE, IMAGES, MASKS, ROOT_ATTRS
+from cache.format import CHECKSUMS, DONE, IMAGES, MASKS, ROOT_ATTRS, open_group
 from cache.reader import CacheReader
 from cache.tiles import open_windows
 from cache.writer import configure_worker_threads, read_rows_tolerantly, row_checksums
@@ -51,6 +51,16 @@ class VerifyReport:
         return sorted({f"{f.split}/{f.frame}" for f in self.faults if f.frame is not None})
 
 
+def rows_to_check(path: str | os.PathLike) -> int:
+    """How many rows `verify_cache` will re-read (the total of its progress)."""
+    reader = CacheReader(path)
+    total = 0
+    for split in reader.split_names():
+        frames = open_group(reader.path, split=split).attrs.get("frames")
+        total += len(frames) if isinstance(frames, list) else 0
+    return total
+
+
 def verify_cache(path: str | os.PathLike, *, workers: int | None = None, progress=None) -> VerifyReport:
     """Check every split and row; raises CacheError only if `path` is not a cache at all."""
     reader = CacheReader(path)  # refuses a non-cache or an unknown version
@@ -76,9 +86,7 @@ def verify_cache(path: str | os.PathLike, *, workers: int | None = None, progres
 
 def _check_split(reader: CacheReader, split: str) -> tuple[list[Fault], list[tuple]]:
     """(faults of the split's structure, one task per row to re-read; none if it is unusable)."""
-    import zarr
-
-    group = zarr.open_group(store=reader.path, mode="r")[split]
+    group = open_group(reader.path, split=split)
     attrs = dict(group.attrs)
     faults = []
 

@@ -8,9 +8,9 @@ import signal
 import subprocess
 import sys
 import time
-import zlib
 from pathlib import Path
 
+import google_crc32c
 import numpy as np
 import pytest
 import zarr
@@ -96,12 +96,12 @@ def test_clean_build_holds_decoded_images_and_exact_masks(small_tree, clean_cach
             image = np.asarray(Image.open(frame.image).convert("RGB"))
             np.testing.assert_array_equal(group[IMAGES][row], image)
             sums = np.asarray(group[CHECKSUMS][row])
-            assert int(sums[0]) == zlib.crc32(image.tobytes())
+            assert int(sums[0]) == google_crc32c.value(image.tobytes())
             if frame.polygons is None:
                 continue
             mask = render_trainids(frame.polygons)
             np.testing.assert_array_equal(group[MASKS][row], mask)
-            assert int(sums[1]) == zlib.crc32(mask.tobytes())
+            assert int(sums[1]) == google_crc32c.value(mask.tobytes())
     assert MASKS not in [name for name, _ in root["test"].arrays()]
     assert root["train"][MASKS].chunks == (1, Storage().tile, Storage().tile)
     assert [type(c).__name__ for c in root["train"][MASKS].compressors] == ["ZstdCodec"]
@@ -192,17 +192,26 @@ def kill_tree(tmp_path_factory) -> Path:
 
 
 def done_rows(out: Path, split: str) -> int:
-    chunks = out / split / DONE / "c"
+    """Rows whose done flag is committed (0 before the array exists or while it is replaced)."""
+    try:
+        return int(np.asarray(zarr.open_array(str(out / split / DONE), mode="r")[:]).sum())
+    except Exception:
+        return 0
+
+
+def rows_on_disk(out: Path, split: str) -> int:
+    """Rows whose image shard exists (written; their done flags follow in batches)."""
+    chunks = out / split / IMAGES / "c"
     return sum(1 for p in chunks.iterdir() if p.name.isdigit()) if chunks.is_dir() else 0
 
 
 def start_and_kill(root: Path, out: Path, kill_after: int) -> None:
-    """Start a build in a subprocess and kill -9 it once `kill_after` train rows are done."""
+    """Start a build in a subprocess and kill -9 it once `kill_after` train rows are written."""
     command = [sys.executable, "-m", "dataprep.cli", "build", "--root", str(root), "--out", str(out),
                "--workers", "2", "--tile", "128"]
     proc = subprocess.Popen(command, cwd=ROOT_DIR, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
-    while done_rows(out, "train") < kill_after and proc.poll() is None and time.monotonic() < deadline:
+    while rows_on_disk(out, "train") < kill_after and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.002)
     assert proc.poll() is None, f"the build ended before it could be killed: {proc.stderr.read()}"
     os.kill(proc.pid, signal.SIGKILL)
@@ -218,7 +227,7 @@ def test_kill_9_mid_build_then_rerun_gives_exactly_the_clean_build(kill_tree, tm
     start_and_kill(kill_tree, out, kill_after=7)  # resumes, and is killed again
     train = zarr.open_group(str(out), mode="r")["train"]
     assert train.attrs["complete"] is False
-    assert 7 <= done_rows(out, "train") < 12
+    assert done_rows(out, "train") <= rows_on_disk(out, "train")  # a flag never precedes its row
     # the workers die with the build (PR_SET_PDEATHSIG): nothing writes to the cache any more
     time.sleep(0.3)
     snapshot = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
@@ -232,17 +241,17 @@ def test_kill_9_mid_build_then_rerun_gives_exactly_the_clean_build(kill_tree, tm
     assert_same_cache(clean, out)
 
 
-def test_torn_done_or_checksum_chunk_reads_as_not_done(small_tree, tmp_path, clean_cache):
+@pytest.mark.parametrize("torn", [DONE + "/c/0", CHECKSUMS + "/c/0/0"])
+def test_torn_done_or_checksum_chunk_reads_as_not_done(small_tree, tmp_path, clean_cache, torn):
     out = tmp_path / "cache"
     shutil.copytree(clean_cache, out)
-    train = zarr.open_group(str(out), mode="r+")["train"]
+    train = zarr.open_group(str(out), mode="r+", use_consolidated=False)["train"]
     train.attrs["complete"] = False  # as if the build had been interrupted
-    (out / "train" / DONE / "c" / "1").write_bytes(b"")             # torn: empty file
-    (out / "train" / CHECKSUMS / "c" / "2" / "0").write_bytes(b"\x01\x02")  # torn: short
+    (out / "train" / torn).write_bytes(b"\x01\x02")  # torn: short (one chunk holds every row here)
     (out / "train" / IMAGES / "c" / "3.0123.partial").write_bytes(b"leftover")
     result = run_build("--root", small_tree, "--out", out, "--workers", "1")
     assert result.exit_code == 0, result.output
-    assert "train: 4 frames, images + masks, 2 rows written" in result.output
+    assert "train: 4 frames, images + masks, 4 rows written" in result.output
     assert_same_cache(clean_cache, out)
 
 
@@ -432,8 +441,9 @@ def test_tree_and_out_problems_are_one_line_errors(tmp_path, small_tree):
         result = run_build(*args)
         assert result.exit_code == 1, (args, result.output)
         assert words in error_line(result), (args, result.output)
-    missing = run_build("--out", tmp_path / "c6")
-    assert missing.exit_code == 2 and "--root" in missing.output
+    missing = CliRunner().invoke(main, ["build", "--out", str(tmp_path / "c6")],
+                                 env={"CITYSCAPES_DATASET": None})
+    assert missing.exit_code == 1 and "--root" in error_line(missing)
 
 
 def test_coarse_builds_train_extra_from_gtcoarse(tree, tmp_path):
@@ -471,6 +481,7 @@ def test_drop_interrupted_before_the_arrays_shrank_is_finished_on_resume(tmp_pat
     rows = RowWriter(tmp_path / "cache", "train")
     for row in range(4):
         writer.record_row("train", row, rows.write_row(row, *blocky_frame(64, 128, seed=row)))
+    writer.flush("train")
     # drop_frames steps 1 and 2 (done flags from the first dropped row on, then the frame list)...
     group = writer.root["train"]
     group[DONE][1:] = 0
@@ -505,17 +516,16 @@ def test_the_check_catches_tiles_that_do_not_decode_to_the_frame(tmp_path, codec
     from cache.format import CacheError
 
     rows, (image, mask) = one_row_cache(tmp_path / "c", Storage(64, codec, shard, mask_codec=codec))
-    rows.write(0, image, mask)
-    rows.check(0, image, mask)
+    written = rows.write(0, image, mask)
+    rows.check(0, written)
     stored = sorted(p for p in (tmp_path / "c" / "val" / MASKS / "c").rglob("*") if p.is_file())[0]
     flip_byte(stored, 40)  # a pixel of a raw tile, or a byte of a compressed stream
-    with pytest.raises(CacheError, match="masks of row 0 (read back differently|cannot be read back)"):
-        rows.check(0, image, mask)
-    rows.write(0, image, mask)
-    other = image.copy()
-    other[5, 7, 1] ^= 0xFF
-    with pytest.raises(CacheError, match="images of row 0 read back differently"):
-        rows.check(0, other, mask)
+    with pytest.raises(CacheError, match="masks of row 0 read back differently"):
+        rows.check(0, written)
+    written = rows.write(0, image, mask)
+    stored.unlink()  # a file that vanished (another process, a full disk) fails the check too
+    with pytest.raises(CacheError, match="masks of row 0 read back differently"):
+        rows.check(0, written)
 
 
 def test_the_check_reads_a_rewritten_shard_through_its_new_index(tmp_path):
@@ -526,9 +536,10 @@ def test_the_check_reads_a_rewritten_shard_through_its_new_index(tmp_path):
     shard = tmp_path / "c" / "val" / MASKS / "c" / "0" / "0" / "0"
     stamp = shard.stat()
     other_mask = np.random.default_rng(0).integers(0, 19, mask.shape, dtype=np.uint8)  # other offsets
-    rows.write(0, image, other_mask)
+    written = rows.write(0, image, other_mask)
     os.utime(shard, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
-    rows.check(0, image, other_mask)
+    rows.check(0, written)
+    np.testing.assert_array_equal(CacheReader(tmp_path / "c").read_frame("val", 0)[1], other_mask)
 
 
 def test_a_new_row_writer_opens_the_arrays_again(tmp_path):
@@ -564,3 +575,96 @@ def test_workers_are_forked_from_a_single_threaded_build_else_from_a_forkserver(
     finally:
         stop.set()
         thread.join()
+
+
+# -- the direct tile writer, the decoder -------------------------------------------
+@pytest.mark.parametrize("storage", [Storage(64, "none", True, "zstd-1"), Storage(64, "zstd-1", True, "lz4"),
+                                     Storage(48, "lz4", False, "none"), Storage(64, "zstd-3", False)])
+def test_our_tile_files_read_in_zarr_as_zarrs_own(tmp_path, storage):
+    """RowWriter writes the shard/tile files itself; zarr must read them as the frame, edge
+    tiles (padded with the fill value) included, exactly as it reads the files it writes."""
+    from cache.writer import CacheWriter, RowWriter, SplitPlan
+
+    rng = np.random.default_rng(4)
+    images = rng.integers(0, 256, (2, 100, 150, 3), dtype=np.uint8)
+    masks = rng.integers(0, 19, (2, 100, 150), dtype=np.uint8)
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    for path in (ours, theirs):
+        CacheWriter(path).prepare_split(SplitPlan("train", ("a/a_0", "a/a_1"), 100, 150, True), storage)
+    rows = RowWriter(ours, "train")
+    group = zarr.open_group(str(theirs), mode="r+", use_consolidated=False)["train"]
+    for row in range(2):
+        rows.write_row(row, images[row], masks[row])
+        group[IMAGES][row], group[MASKS][row] = images[row], masks[row]
+    read = zarr.open_group(str(ours), mode="r", use_consolidated=False)["train"]
+    np.testing.assert_array_equal(read[IMAGES][:], images)
+    np.testing.assert_array_equal(read[MASKS][:], masks)
+    assert sorted(cache_files(ours / "train" / IMAGES)) == sorted(cache_files(theirs / "train" / IMAGES))
+
+
+def test_decoder_gives_pils_pixels_and_falls_back_to_pil(tmp_path):
+    from dataprep.build import _decode_rgb8_png, decode_image
+    from dataprep.rasterize import BadFrame
+    from dataprep.synth import photo_like, synthetic_frame
+
+    rgb = photo_like(synthetic_frame(np.random.default_rng(1), 256, 512)[2], np.random.default_rng(2))
+    Image.fromarray(rgb).save(tmp_path / "photo.png")
+    assert _decode_rgb8_png((tmp_path / "photo.png").read_bytes()) is not None  # libspng took it
+    np.testing.assert_array_equal(decode_image(tmp_path / "photo.png"), rgb)
+    # other PNG kinds go to PIL and come out as PIL's RGB
+    Image.fromarray(rgb).convert("P", palette=Image.ADAPTIVE).save(tmp_path / "palette.png")
+    Image.fromarray(np.dstack([rgb, rgb[..., :1]])).save(tmp_path / "rgba.png")
+    for name in ("palette.png", "rgba.png"):
+        assert _decode_rgb8_png((tmp_path / name).read_bytes()) is None
+        with Image.open(tmp_path / name) as image:
+            np.testing.assert_array_equal(decode_image(tmp_path / name), np.asarray(image.convert("RGB")))
+    data = (tmp_path / "photo.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(BadFrame, match="cut.png: cannot decode PNG"):
+        decode_image(tmp_path / "cut.png")
+
+
+# -- --scale ----------------------------------------------------------------------
+def test_scale_stores_training_splits_downscaled_and_stats_and_loader_run_on_it(small_tree, tmp_path):
+    from dataprep.build import downscale
+    from dataprep.stats import compute_stats
+    from loaders import AugmentConfig, build_loader
+
+    out = tmp_path / "half"
+    result = run_build("--root", small_tree, "--out", out, "--workers", "2", "--scale", "0.5", "--tile", "128")
+    assert result.exit_code == 0, result.output
+    reader = CacheReader(out)
+    train, val = reader.split("train"), reader.split("val")
+    assert (train.height, train.width, train.scale) == (128, 256, 0.5)
+    assert (val.height, val.width, val.scale) == (256, 512, 1.0)  # evaluation stays full-size
+    group = zarr.open_group(str(out), mode="r")["train"]
+    assert group.attrs["scale"] == 0.5 and group.attrs["source_size"] == [256, 512]
+    for row, frame in enumerate(discover(small_tree, ["train"])["train"]):
+        full_mask = render_trainids(frame.polygons)
+        image, mask = reader.read_frame("train", row)
+        with Image.open(frame.image) as png:
+            want = np.asarray(png.convert("RGB").resize((256, 128), Image.BILINEAR))
+        np.testing.assert_array_equal(image, want)
+        np.testing.assert_array_equal(mask, downscale(np.zeros((256, 512, 3), np.uint8), full_mask, (128, 256))[1])
+        assert set(np.unique(mask)) <= set(np.unique(full_mask))  # nearest: only source labels
+    stats = compute_stats(out, "train")
+    assert (stats["height"], stats["width"]) == (128, 256)
+    assert sum(stats["pixel_counts"]) + stats["ignored_pixels"] == len(train) * 128 * 256
+    loader = build_loader(out, "train", "torch", train=True, batch_size=2, num_workers=0,
+                          aug=AugmentConfig(crop=(96, 96)))
+    batch = next(iter(loader))
+    assert tuple(batch.image.shape) == (2, 3, 96, 96) and tuple(batch.mask.shape) == (2, 96, 96)
+    refused = run_build("--root", small_tree, "--out", out, "--workers", "1", "--splits", "train", "--force",
+                        "--scale", "0")
+    assert refused.exit_code == 1 and "--scale must be in (0, 1]" in error_line(refused)
+    again = run_build("--root", small_tree, "--out", out, "--workers", "1", "--splits", "val",
+                      "--scale", "0.5", "--scale-splits", "val")
+    assert again.exit_code == 1 and "at scale 1, this build at 0.5" in error_line(again)
+
+
+def test_verify_and_build_show_progress_with_a_total(small_tree, tmp_path):
+    out = tmp_path / "cache"
+    assert run_build("--root", small_tree, "--out", out, "--workers", "1").exit_code == 0
+    result = CliRunner().invoke(main, ["verify", "--cache", str(out), "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    assert "verify" in result.output and "8/8" in result.output

@@ -1,11 +1,12 @@
 """cache.reader / cache.tiles: the contract checks and the direct tile reader against zarr."""
 import pickle
+import warnings
 
 import numpy as np
 import pytest
 import zarr
 
-from cache.format import CacheError
+from cache.format import FORMAT_VERSION, STATS_FILE, CacheError
 from cache.reader import CacheReader
 from cache.tiles import TileArray, Unsupported
 from cache.writer import CODEC_NAMES, Storage
@@ -81,7 +82,11 @@ def test_contract_refusals(tmp_path):
     root.attrs["version"] = 99
     with pytest.raises(CacheError, match="version 99 is not supported.*--force"):
         CacheReader(cache)
-    root.attrs["version"] = 1
+    root.attrs["version"] = 1  # a cache of the previous format (crc32 checksums)
+    with pytest.raises(CacheError, match=r"version 1 is not supported by this code \(it reads version "
+                       rf"{FORMAT_VERSION}\); rebuild it with `dataprep build --force`"):
+        CacheReader(cache)
+    root.attrs["version"] = FORMAT_VERSION
     reader = CacheReader(cache)
     with pytest.raises(CacheError, match="no split 'test'.*train, val"):
         reader.split("test")
@@ -89,3 +94,33 @@ def test_contract_refusals(tmp_path):
     with pytest.raises(CacheError, match="'train' is incomplete"):
         CacheReader(cache).split("train")
     del other
+
+
+# -- what outside tools see ------------------------------------------------------------
+def test_arrays_name_their_dimensions_and_outside_readers_see_no_warning(tmp_path):
+    """xarray needs Zarr v3 dimension_names; zarr lists the root without warning about
+    stats.json (consolidated metadata, written once a split is complete)."""
+    cache = blocky_cache(tmp_path / "c", n_train=2, n_val=1, height=64, width=64, tile=32)
+    (cache / STATS_FILE).write_text("{}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        root = zarr.open_group(str(cache), mode="r")
+        assert sorted(root.group_keys()) == ["train", "val"]
+        for split in ("train", "val"):
+            group = root[split]
+            assert {name: group[name].metadata.dimension_names for name in group.array_keys()} == {
+                "images": ("frame", "y", "x", "channel"), "masks": ("frame", "y", "x"),
+                "checksums": ("frame", "checksum"), "done": ("frame",)}
+
+
+def test_xarray_opens_every_split(tmp_path):
+    xarray = pytest.importorskip("xarray")
+    cache = blocky_cache(tmp_path / "c", n_train=2, n_val=1, height=64, width=64, tile=32)
+    (cache / STATS_FILE).write_text("{}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train = xarray.open_zarr(cache, group="train")
+        val = xarray.open_zarr(cache, group="val")
+    assert dict(train.sizes) == {"frame": 2, "y": 64, "x": 64, "channel": 3, "checksum": 2}
+    assert val["masks"].dims == ("frame", "y", "x") and val.attrs["frames"] == ["city0/city0_000000_000019"]
+    np.testing.assert_array_equal(train["images"][1].values, CacheReader(cache).read_frame("train", 1)[0])
