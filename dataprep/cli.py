@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import click
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, \
     TimeElapsedColumn, TimeRemainingColumn
@@ -26,6 +27,12 @@ def _progress() -> Progress:
                     TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False)
 
 
+def _advance(progress: Progress, task_id) -> None:
+    """One more frame done: advance the bar and show its rate."""
+    progress.advance(task_id)
+    progress.update(task_id, rate=_rate(progress.tasks[task_id]))
+
+
 def _rate(task) -> str:
     speed = task.finished_speed or task.speed
     return f"{speed:.1f} frames/s" if speed else ""
@@ -37,9 +44,11 @@ def main():
 
 
 @main.command()
-@click.option("--root", required=True, type=click.Path(path_type=Path),
-              help="Raw Cityscapes tree (the folder holding leftImg8bit/ and gtFine/).")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Cache directory to write.")
+@click.option("--root", type=click.Path(path_type=Path), default=None,
+              help="Raw Cityscapes tree (the folder holding leftImg8bit/ and gtFine/). "
+              "[default: $CITYSCAPES_DATASET]")
+@click.option("--out", "--cache", "out", type=click.Path(path_type=Path), default=None,
+              help="Cache directory to write. [default: $CITYSCAPES_CACHE, else ./cityscapes.zarr]")
 @click.option("--splits", default=None, help="Comma-separated splits (default: every split present).")
 @click.option("--workers", type=int, default=None, help="Worker processes (default: all cores).")
 @click.option("--limit", type=int, default=None, help="Only the first N frames of each split (smoke runs).")
@@ -59,35 +68,55 @@ def main():
               show_default=True, help="Compression of the mask tiles.")
 @click.option("--shard/--no-shard", default=DEFAULT_SHARD, show_default=True,
               help="One file per frame and array (tiles stay separately readable), or one file per tile.")
+@click.option("--scale", type=float, default=1.0, show_default=True,
+              help="Store the --scale-splits downscaled by this factor (0.5: 2048x1024 -> 1024x512, a "
+              "quarter of the disk; images antialiased bilinear, masks nearest).")
+@click.option("--scale-splits", default="train,train_extra", show_default=True,
+              help="Comma-separated splits that --scale applies to (val and test stay full-size for "
+              "official-grade evaluation unless named here).")
 @user_errors
-def build(root, out, splits, workers, limit, force, coarse, on_error, tile, codec, mask_codec, shard):
+def build(root, out, splits, workers, limit, force, coarse, on_error, tile, codec, mask_codec, shard,
+          scale, scale_splits):
     """Decode every frame once and store uint8 tiles (and trainId masks) in a Zarr cache.
+
+    \b
+    Example:  dataprep build --root /data/cityscapes     (cache: ./cityscapes.zarr)
 
     Resumable: after an interruption (even kill -9) run the same command again; it finishes
     the remaining frames. A complete split is not rebuilt unless --force. Exit status: 0 done,
     1 error, 3 done but with frames skipped by --on-error skip.
     """
+    from cache.location import resolve_cache, resolve_root
     from cache.writer import Storage
     from dataprep.build import BuildOptions, build_cache
 
+    root, out = _announce(resolve_root(root), "dataset"), _announce(resolve_cache(out, "--out"), "cache")
     options = BuildOptions(root=root, out=out, workers=workers, limit=limit, force=force,
                            coarse=coarse, on_error=on_error, storage=Storage(tile, codec, shard, mask_codec),
-                           splits=tuple(s.strip() for s in splits.split(",") if s.strip()) if splits else None)
+                           splits=tuple(s.strip() for s in splits.split(",") if s.strip()) if splits else None,
+                           scale=scale, scale_splits=tuple(s.strip() for s in scale_splits.split(",") if s.strip()))
     events = _RichEvents(_progress())
     try:
         report = build_cache(options, events)
     finally:
         events.close()
     for split in report.splits:
-        content = "images + masks" if split.has_masks else "images only (no polygons: no masks array)"
+        content = "images + masks" if split.has_masks else "images only (unlabelled: no masks array)"
         state = "already complete" if split.already_complete else f"{split.rows_written} rows written"
         console.print(f"{split.name}: {split.frames} frames, {content}, {state}")
     if report.skipped:
         console.print(f"[bold red]{len(report.skipped)} bad frames were left out:[/]")
         for name, problem in report.skipped.items():
             click.echo(f"  skipped {name}: {problem}", err=True)
-    console.print(f"cache: {report.out}")
+    console.print(f"cache: {Path(report.out).absolute()}", markup=False, highlight=False)
     sys.exit(report.exit_code)
+
+
+def _announce(location, what: str) -> Path:
+    """Print where a path came from when no flag gave it (a default must never be silent)."""
+    if not location.source.startswith("--"):
+        console.print(location.describe(what), markup=False, highlight=False, soft_wrap=True)
+    return location.path
 
 
 class _RichEvents:
@@ -121,52 +150,79 @@ class _RichEvents:
 
 
 @main.command()
-@click.option("--cache", required=True, type=click.Path(path_type=Path), help="Cache directory.")
+@click.option("--cache", type=click.Path(path_type=Path), default=None,
+              help="Cache directory. [default: $CITYSCAPES_CACHE, else ./cityscapes.zarr]")
 @click.option("--split", default="train", show_default=True, help="Split to count.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None,
               help="Where to write the JSON (default: CACHE/stats.json).")
 @user_errors
 def stats(cache, split, json_path):
     """Per-class pixel counts, frequencies, frame counts and class weights (enet,
-    median_frequency, inverse_sqrt) of a split; `train --class-weights FILE[:method]` reads the JSON."""
+    median_frequency, inverse_sqrt) of a split; `train --class-weights FILE[:method]` reads the JSON.
+
+    \b
+    Example:  dataprep stats            (the cache of `dataprep build`; writes CACHE/stats.json)
+    """
+    from cache.location import resolve_cache
     from dataprep.stats import compute_stats, open_labelled_split, write_stats
 
+    cache = _announce(resolve_cache(cache, must_exist=True), "cache")
     total = len(open_labelled_split(cache, split)[1])  # a bad split fails before the progress bar
     with _progress() as progress:
         task = progress.add_task(f"stats {split}", total=total, rate="")
-        result = compute_stats(cache, split, progress=lambda: progress.advance(task))
+        result = compute_stats(cache, split, progress=lambda: _advance(progress, task))
     path = write_stats(result, cache, json_path)
-    Console().print(_stats_table(result))
+    print_uncut(Console(), _stats_table(result))
     console.print(f"ignored pixels: {100 * result['ignored_fraction']:.2f}%   frames: {result['frames']}"
-                  f"   written: {path}")
+                  f"   written: {path.absolute()}", soft_wrap=True)
 
 
 def _stats_table(result: dict) -> Table:
-    table = Table(title=f"class statistics of split {result['split']!r}")
+    """Compact numbers (pixels '2.04 G') and light rules: 77 columns with 10-digit counts."""
+    from dataprep.stats import compact_number
+
+    table = Table(title=f"class statistics of split {result['split']!r}", box=box.SIMPLE_HEAD,
+                  show_edge=False, pad_edge=False, collapse_padding=True)
     for column in ("trainId", "class", "pixels", "freq %", "frames", "enet", "median freq", "inv sqrt"):
-        table.add_column(column, justify="left" if column == "class" else "right")
+        table.add_column(column, justify="left" if column == "class" else "right", no_wrap=True)
     weights = result["weights"]
     for i, name in enumerate(result["class_names"]):
-        table.add_row(str(i), name, f"{result['pixel_counts'][i]:,}", f"{100 * result['frequencies'][i]:.3f}",
-                      str(result["frame_counts"][i]), f"{weights['enet'][i]:.3f}",
-                      f"{weights['median_frequency'][i]:.3f}", f"{weights['inverse_sqrt'][i]:.3f}")
+        table.add_row(str(i), name, compact_number(result["pixel_counts"][i]),
+                      f"{100 * result['frequencies'][i]:.3f}", str(result["frame_counts"][i]),
+                      *(compact_number(float(weights[m][i])) for m in ("enet", "median_frequency", "inverse_sqrt")))
     return table
 
 
+def print_uncut(out: Console, table: Table) -> None:
+    """Print a table whole: where the console (a narrow terminal, or 80 columns for a pipe)
+    is narrower than the table, widen it rather than let rich cut or fold the numbers."""
+    needed = out.measure(table, options=out.options.update(max_width=10_000)).maximum
+    if out.width < needed:
+        out.width = needed
+    out.print(table)
+
+
 @main.command()
-@click.option("--cache", required=True, type=click.Path(path_type=Path), help="Cache directory.")
+@click.option("--cache", type=click.Path(path_type=Path), default=None,
+              help="Cache directory. [default: $CITYSCAPES_CACHE, else ./cityscapes.zarr]")
 @click.option("--workers", type=int, default=None, help="Worker processes (default: all cores).")
 @user_errors
 def verify(cache, workers):
     """Re-read every row of every split: checksums, done flags, mask values, attributes.
-    Exit status 1 if anything is wrong (each bad row is named by its frame)."""
-    from cache.reader import CacheReader
-    from cache.verify import verify_cache
+    Exit status 1 if anything is wrong (each bad row is named by its frame).
 
+    \b
+    Example:  dataprep verify --cache /data/cityscapes.zarr --workers 4
+    """
+    from cache.location import resolve_cache
+    from cache.reader import CacheReader
+    from cache.verify import rows_to_check, verify_cache
+
+    cache = _announce(resolve_cache(cache, must_exist=True), "cache")
     CacheReader(cache)  # not a cache, or of another version: one error line, no progress bar
     with _progress() as progress:
-        task = progress.add_task("verify", total=None, rate="")
-        report = verify_cache(cache, workers=workers, progress=lambda: progress.advance(task))
+        task = progress.add_task("verify", total=rows_to_check(cache), rate="")
+        report = verify_cache(cache, workers=workers, progress=lambda: _advance(progress, task))
     for fault in report.faults:
         click.echo(f"fault: {fault}", err=True)
     rows = sum(report.rows_checked.values())
@@ -184,14 +240,29 @@ def verify(cache, workers):
 @click.option("--height", type=int, default=1024, show_default=True)
 @click.option("--width", type=int, default=2048, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--with-test", is_flag=True, help="Also write an unlabelled test split (images only).")
+@click.option("--with-test", is_flag=True, help="Also write a test split: images, and in gtFine/test "
+              "the real release's placeholders (polygons of ego vehicle, rectification border and out "
+              "of roi only), which `dataprep build` treats as unlabelled.")
+@click.option("--photo", is_flag=True, help="Photo-like images (softened edges, sensor noise, PNGs at "
+              "the default level): ~2.3 MB per 2048x1024 frame like the real leftImg8bit, so that "
+              "decode and disk figures are realistic. Slower to write.")
+@click.option("--workers", type=int, default=None, help="Worker processes (default: all cores).")
 @user_errors
-def synth(out, frames, height, width, seed, with_test):
-    """Write a synthetic Cityscapes tree in the official layout (for tests, demos and benchmarks)."""
+def synth(out, frames, height, width, seed, with_test, photo, workers):
+    """Write a synthetic Cityscapes tree in the official layout (for tests, demos and benchmarks).
+
+    \b
+    Example:  dataprep synth --out data/synth --frames 3475 --photo   (Cityscapes' train + val size)
+    """
     from dataprep.synth import write_synthetic_tree
 
-    with console.status(f"writing {frames} synthetic frames to {out}"):
-        names = write_synthetic_tree(out, frames, height=height, width=width, seed=seed, with_test=with_test)
+    from dataprep.synth import synthetic_frame_count
+
+    total = synthetic_frame_count(frames, with_test=with_test)  # bad counts fail before the bar
+    with _progress() as progress:
+        task = progress.add_task("synth", total=total, rate="")
+        names = write_synthetic_tree(out, frames, height=height, width=width, seed=seed, with_test=with_test,
+                                     photo=photo, workers=workers, progress=lambda: _advance(progress, task))
     for split, frame_names in names.items():
         console.print(f"{split}: {len(frame_names)} frames")
     console.print(f"raw tree: {out}")
