@@ -561,8 +561,8 @@ PHOTO_NOISE = 0.6  # grey levels: sensor noise; with the blur, ~2.3 MB PNGs at 2
 def photo_like(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A painted frame as a camera would give it: edges softened (Gaussian blur) and sensor
     noise. What matters for a benchmark: the PNG weighs and decodes like a real leftImg8bit
-    frame (~2.3 MB at 2048x1024 against ~2.1 MB real); the flat class colours compress 3x
-    better and decode faster than photographs do."""
+    frame (~2.3 MB at 2048x1024 against ~2.1 MB real); the painted frames' sharp edges and
+    independent per-pixel grain are nothing like a camera's pixels to a PNG coder."""
     from PIL import ImageFilter
 
     soft = np.asarray(Image.fromarray(rgb).filter(ImageFilter.GaussianBlur(PHOTO_BLUR)), dtype=np.float32)
