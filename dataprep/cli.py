@@ -46,11 +46,11 @@ def main():
 @main.command()
 @click.option("--root", type=click.Path(path_type=Path), default=None,
               help="Raw Cityscapes tree (the folder holding leftImg8bit/ and gtFine/). "
-              "[default: $CITYSCAPES_DATASET]")
+              " [default: $CITYSCAPES_DATASET]")
 @click.option("--out", "--cache", "out", type=click.Path(path_type=Path), default=None,
-              help="Cache directory to write. [default: $CITYSCAPES_CACHE, else ./cityscapes.zarr]")
-@click.option("--splits", default=None, help="Comma-separated splits (default: every split present).")
-@click.option("--workers", type=int, default=None, help="Worker processes (default: all cores).")
+              help="Cache directory to write.  [default: $CITYSCAPES_CACHE, else ./cityscapes.zarr]")
+@click.option("--splits", default=None, help="Comma-separated splits.  [default: every split present]")
+@click.option("--workers", type=int, default=None, help="Worker processes.  [default: all cores]")
 @click.option("--limit", type=int, default=None, help="Only the first N frames of each split (smoke runs).")
 @click.option("--force", is_flag=True, help="Rebuild the chosen splits even if complete, or if made "
               "with other options.")
@@ -151,10 +151,10 @@ class _RichEvents:
 
 @main.command()
 @click.option("--cache", type=click.Path(path_type=Path), default=None,
-              help="Cache directory. [default: $CITYSCAPES_CACHE, else ./cityscapes.zarr]")
+              help="Cache directory.  [default: $CITYSCAPES_CACHE, else ./cityscapes.zarr]")
 @click.option("--split", default="train", show_default=True, help="Split to count.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None,
-              help="Where to write the JSON (default: CACHE/stats.json).")
+              help="Where to write the JSON.  [default: CACHE/stats.json]")
 @user_errors
 def stats(cache, split, json_path):
     """Per-class pixel counts, frequencies, frame counts and class weights (enet,
@@ -204,8 +204,8 @@ def print_uncut(out: Console, table: Table) -> None:
 
 @main.command()
 @click.option("--cache", type=click.Path(path_type=Path), default=None,
-              help="Cache directory. [default: $CITYSCAPES_CACHE, else ./cityscapes.zarr]")
-@click.option("--workers", type=int, default=None, help="Worker processes (default: all cores).")
+              help="Cache directory.  [default: $CITYSCAPES_CACHE, else ./cityscapes.zarr]")
+@click.option("--workers", type=int, default=None, help="Worker processes.  [default: all cores]")
 @user_errors
 def verify(cache, workers):
     """Re-read every row of every split: checksums, done flags, mask values, attributes.
@@ -246,7 +246,7 @@ def verify(cache, workers):
 @click.option("--photo", is_flag=True, help="Photo-like images (softened edges, sensor noise, PNGs at "
               "the default level): ~2.3 MB per 2048x1024 frame like the real leftImg8bit, so that "
               "decode and disk figures are realistic. Slower to write.")
-@click.option("--workers", type=int, default=None, help="Worker processes (default: all cores).")
+@click.option("--workers", type=int, default=None, help="Worker processes.  [default: all cores]")
 @user_errors
 def synth(out, frames, height, width, seed, with_test, photo, workers):
     """Write a synthetic Cityscapes tree in the official layout (for tests, demos and benchmarks).
