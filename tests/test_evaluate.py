@@ -227,7 +227,6 @@ def test_checkpoint_for_another_label_set_is_refused(tmp_path, setup):
         run_evaluate(tiny_checkpoint(tmp_path / "ign.pt", ignore_index=0), cache, **FAST)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a CPU-only machine")
 def test_cuda_device_without_cuda_is_refused(setup):
     _, cache, ckpt = setup
     with pytest.raises(UserError, match="--device cuda"):

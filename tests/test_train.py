@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -72,11 +73,21 @@ def test_run_dir_holds_config_metrics_checkpoints_and_plots(learned):
     train_line = records[0]
     assert train_line["lr"] > 0 and train_line["images_per_s"] > 0 and train_line["epoch"] > 0
     saved = resolve_config({}, str(run / "config.yaml"))
-    assert saved == config
+    # config.yaml holds the resolved values: what was asked, and every default made explicit
+    resolved = dict(weight_decay=1e-4, class_weights=None, amp=None, channels_last=False,
+                    device="cpu", epochs=None)
+    assert saved == replace(config, **resolved)
+    import yaml
+
+    written = yaml.safe_load((run / "config.yaml").read_text())
+    for key in ("lr", "weight_decay", "device", "workers", "encoder_weights", "amp",
+                "class_weights", "channels_last", "eval_every", "cache"):
+        assert written[key] is not None, key      # no null where a default was used
+    assert (written["amp"], written["class_weights"], written["encoder_weights"]) == ("none",) * 3
     last = load_checkpoint(run / "last.pt")
     # 24 frames / batch 4 = 6 steps an epoch: after 40 steps, epoch 6 is 4 batches in
     assert last["progress"] == {"epoch": 6, "batch_in_epoch": 4, "step": 40, "evaluated_step": 40,
-                                "best_miou": result.best_miou, "total_steps": 40}
+                                "best_miou": result.best_miou, "best_step": 40, "total_steps": 40}
     assert {"model", "optimizer", "scheduler", "scaler", "rng", "meta"} <= set(last)
     model, meta = load_for_eval(run / "best.pt")
     assert meta["arch"] == "unet" and meta["num_classes"] == 19 and meta["ignore_index"] == 255

@@ -76,7 +76,7 @@ def test_resume_of_a_run_dir_that_is_not_there(tmp_path, captured):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--iters", "5"], "--cache is required"),
+    (["--iters", "5"], "cityscapes.zarr: no cache there (the default"),
     (["--cache", "c", "--iters", "5", "--epochs", "2"], "give --epochs or --iters, not both"),
     (["--cache", "c", "--res", "big"], "--res: 'big' is not a size like 640 or 512x1024"),
     (["--cache", "c", "--scale", "2,1"], "--scale: '2,1' is not a range low,high"),
@@ -84,9 +84,11 @@ def test_resume_of_a_run_dir_that_is_not_there(tmp_path, captured):
     (["--cache", "c", "--loss", "ce+lovasz"], "--loss 'ce+lovasz'"),
     (["--cache", "c", "--batch-size", "0"], "--batch-size: '0' is not an integer >= 1"),
     (["--cache", "c", "--model-arg", "depth"], "--model-arg 'depth': expected KEY=VALUE"),
-    (["--cache", "c", "--amp", "fp8"], "--amp: 'fp8' is not one of: bf16, fp16, none"),
+    (["--cache", "c", "--amp", "fp8"], "--amp: 'fp8' is not one of: auto, bf16, fp16, none"),
 ])
-def test_bad_options_are_one_line_errors(args, message, captured):
+def test_bad_options_are_one_line_errors(args, message, captured, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)                      # no ./cityscapes.zarr here
+    monkeypatch.delenv("CITYSCAPES_CACHE", raising=False)
     result = invoke("train", *args)
     assert result.exit_code == 1 and not captured
     assert result.stderr.startswith("error: ") and message in result.stderr
@@ -118,7 +120,7 @@ def test_real_cli_run_saves_the_resolved_config(tmp_path):
                     "--workers", 0, "--no-plots")
     assert result.exit_code == 0, result.output
     saved = yaml.safe_load((out / "config.yaml").read_text())
-    assert saved["iters"] == 1 and saved["res"] == [64, 64] and saved["encoder_weights"] is None
+    assert saved["iters"] == 1 and saved["res"] == [64, 64] and saved["encoder_weights"] == "none"
     assert saved["model_kwargs"] == {"encoder_depth": 3, "decoder_channels": [8, 8, 8]}
     assert resolve_config({}, str(out / "config.yaml")).iters == 1
     assert "val mIoU" in result.stderr

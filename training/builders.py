@@ -10,7 +10,8 @@ from torch import nn
 
 from cache.errors import UserError
 from training.config import TrainConfig
-from training.device import DistEnv, autocast_context
+from training.device import (DistEnv, autocast_context, resolve_amp,
+                             resolve_channels_last)
 from training.engine import TrainingParts
 
 
@@ -63,6 +64,8 @@ def build_training_model(config: TrainConfig, meta: dict, env: DistEnv) -> nn.Mo
 
     model = build_model(meta["arch"], meta["encoder"], meta["num_classes"],
                         config.encoder_weights, **meta["model_kwargs"]).to(env.device)
+    if resolve_channels_last(config.channels_last, env.device):
+        model = model.to(memory_format=torch.channels_last)
     check_input_size(model, tuple(config.res))
     freeze_unused_parameters(model, tuple(config.res))
     if env.distributed:
@@ -76,12 +79,40 @@ def build_training_model(config: TrainConfig, meta: dict, env: DistEnv) -> nn.Mo
     return model
 
 
+def resolve_class_weights(spec: str | None, reader) -> str | None:
+    """--class-weights auto: the ENet weights of the cache's stats.json (what `dataprep stats`
+    writes) if it is there, else none; anything else as given."""
+    if spec != "auto":
+        return spec
+    from pathlib import Path
+
+    from cache.format import STATS_FILE
+
+    stats = Path(reader.path) / STATS_FILE
+    return f"{stats}:enet" if stats.is_file() else None
+
+
+def resolve_defaults(config: TrainConfig, reader, env: DistEnv) -> TrainConfig:
+    """The config with every default that depends on the machine or the cache made explicit
+    (device, precision, memory format, class weights, lr, weight decay, epochs), so that the
+    saved config.yaml alone reproduces the run."""
+    from dataclasses import replace
+
+    epochs = config.resolved_epochs if config.iters is None else None
+    return replace(config, device=str(env.device), amp=resolve_amp(config.amp, env.device),
+                   channels_last=resolve_channels_last(config.channels_last, env.device),
+                   class_weights=resolve_class_weights(config.class_weights, reader),
+                   lr=config.resolved_lr, weight_decay=config.resolved_weight_decay,
+                   epochs=epochs, cache=str(reader.path))
+
+
 def build_criterion(config: TrainConfig, reader, device: torch.device) -> nn.Module:
     from training.losses import build_loss, load_class_weights
 
     weights = None
-    if config.class_weights is not None:
-        values = load_class_weights(config.class_weights, reader.num_classes)
+    spec = resolve_class_weights(config.class_weights, reader)
+    if spec is not None:
+        values = load_class_weights(spec, reader.num_classes)
         weights = torch.tensor(values, dtype=torch.float32, device=device)
     return build_loss(config.loss, ignore_index=reader.ignore_index, class_weights=weights).to(device)
 
@@ -95,7 +126,8 @@ def build_parts(config: TrainConfig, meta: dict, reader, env: DistEnv,
     model = build_training_model(config, meta, env)
     optimizer = build_optimizer(model, config)
     scheduler = None if total_steps is None else build_scheduler(optimizer, config, total_steps)
-    scaler = torch.amp.GradScaler(env.device.type, enabled=config.amp == "fp16")
+    scaler = torch.amp.GradScaler(env.device.type,
+                                  enabled=resolve_amp(config.amp, env.device) == "fp16")
     return TrainingParts(model, criterion, optimizer, scaler, autocast, scheduler)
 
 
@@ -107,9 +139,10 @@ def augment_config(config: TrainConfig):
     return aug if config.jitter else aug.no_jitter()
 
 
-def build_split_loader(config: TrainConfig, env: DistEnv, *, train: bool, kind: str | None = None):
+def build_split_loader(config: TrainConfig, env: DistEnv, *, train: bool, kind: str | None = None,
+                       rows=None):
     """The loader of the train split (train=True) or the val split, sharded for this rank;
-    `kind` overrides --loader (the benchmark compares kinds)."""
+    `kind` overrides --loader (the benchmark compares kinds); `rows` limits it to those rows."""
     from loaders.contract import build_loader
 
     split, batch_size = ((config.train_split, config.batch_size) if train else
@@ -117,4 +150,5 @@ def build_split_loader(config: TrainConfig, env: DistEnv, *, train: bool, kind: 
     return build_loader(config.cache, split, kind or config.loader, train=train,
                         batch_size=batch_size, aug=augment_config(config), device=env.device,
                         seed=config.seed, rank=env.rank, world_size=env.world_size,
-                        num_workers=config.workers)
+                        num_workers=config.workers, rows=rows,
+                        channels_last=resolve_channels_last(config.channels_last, env.device))

@@ -24,51 +24,64 @@ def _opt(name: str, metavar: str, help_text: str):
 TRAIN_OPTIONS = [
     click.option("--config", "config_file", default=None, metavar="FILE",
                  help="YAML or JSON file of these options (flags override it)."),
-    _opt("--cache", "DIR", "Cache made by `dataprep build` (required)."),
-    _opt("--out", "DIR", "Run dir: config, metrics.jsonl, last.pt, best.pt, plots [runs/train]."),
-    _opt("--loader", "dali|torch", "Loader kind [dali]."),
-    _opt("--train-split", "NAME", "Training split [train]."),
-    _opt("--val-split", "NAME", "Validation split [val]."),
+    _opt("--cache", "DIR", "Cache made by `dataprep build`.  "
+         "[default: $CITYSCAPES_CACHE, else ./cityscapes.zarr]"),
+    _opt("--out", "DIR", "Run dir: config, metrics.jsonl, last.pt, best.pt, plots.  "
+         "[default: runs/train]"),
+    _opt("--loader", "dali|torch", "Loader kind.  [default: dali]"),
+    _opt("--train-split", "NAME", "Training split.  [default: train]"),
+    _opt("--val-split", "NAME", "Validation split.  [default: val]"),
     _opt("--arch", "NAME", "Any smp architecture, case-insensitive: Unet, UnetPlusPlus, MAnet, "
-         "Linknet, FPN, PSPNet, PAN, DeepLabV3, DeepLabV3Plus, UPerNet, Segformer, DPT "
-         "[deeplabv3plus]."),
-    _opt("--encoder", "NAME", "smp encoder, e.g. resnet50, efficientnet-b4, tu-convnext_tiny [resnet50]."),
-    _opt("--encoder-weights", "imagenet|none", "Pretrained encoder weights [imagenet]."),
+         "Linknet, FPN, PSPNet, PAN, DeepLabV3, DeepLabV3Plus, UPerNet, Segformer, DPT.  "
+         "[default: deeplabv3plus]"),
+    _opt("--encoder", "NAME", "smp encoder, e.g. resnet50, efficientnet-b4, tu-convnext_tiny.  "
+         "[default: resnet50]"),
+    _opt("--encoder-weights", "imagenet|none", "Pretrained encoder weights.  [default: imagenet]"),
     click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE",
                  help="Extra smp model argument, e.g. encoder_depth=3 (repeatable)."),
-    _opt("--epochs", "N", "Epochs to train (or --iters) [100]."),
+    _opt("--epochs", "N", "Epochs to train (or --iters).  [default: 100]"),
     _opt("--iters", "N", "Optimiser steps to train (or --epochs)."),
-    _opt("--batch-size", "N", "Frames per micro-batch per rank [8]."),
-    _opt("--val-batch-size", "N", "Frames per validation batch [1]."),
-    _opt("--grad-accum", "N", "Micro-batches per optimiser step [1]."),
-    _opt("--lr", "LR", "Base learning rate [sgd 0.01, adamw 1e-4]."),
-    _opt("--weight-decay", "WD", "Weight decay [sgd 1e-4, adamw 1e-2]."),
-    _opt("--momentum", "M", "SGD momentum [0.9]."),
-    _opt("--optimizer", "sgd|adamw", "Optimiser [sgd]."),
-    _opt("--schedule", "poly|cosine", "Learning-rate schedule [poly]."),
-    _opt("--poly-power", "P", "Exponent of the poly schedule [0.9]."),
-    _opt("--warmup", "STEPS", "Linear warm-up steps [0]."),
-    _opt("--loss", "SPEC", "ce, focal, dice or a sum such as ce+dice, ce+0.5*dice [ce]."),
-    _opt("--class-weights", "FILE[:METHOD]", "Class weights from the stats JSON of `dataprep "
-         "stats` (enet, median_frequency, inverse_sqrt) [enet]."),
-    _opt("--amp", "bf16|fp16|none", "Mixed precision (fp16 needs CUDA) [none]."),
-    _opt("--eval-every", "STEPS", "Validate every N steps [end of every epoch]."),
-    _opt("--log-every", "STEPS", "A metrics.jsonl train line every N steps [10]."),
+    _opt("--batch-size", "N", "Frames per micro-batch per rank.  [default: 8]"),
+    _opt("--val-batch-size", "N", "Frames per validation batch.  [default: 1]"),
+    _opt("--grad-accum", "N", "Micro-batches per optimiser step.  [default: 1]"),
+    _opt("--lr", "LR", "Base learning rate.  [default: sgd 0.01, adamw 1e-4]"),
+    _opt("--weight-decay", "WD", "Weight decay.  [default: sgd 1e-4, adamw 1e-2]"),
+    _opt("--momentum", "M", "SGD momentum.  [default: 0.9]"),
+    _opt("--optimizer", "sgd|adamw", "Optimiser.  [default: sgd]"),
+    _opt("--schedule", "poly|cosine", "Learning-rate schedule.  [default: poly]"),
+    _opt("--poly-power", "P", "Exponent of the poly schedule.  [default: 0.9]"),
+    _opt("--warmup", "STEPS", "Linear warm-up steps.  [default: 0]"),
+    _opt("--loss", "SPEC", "ce, focal, dice or a sum such as ce+dice, ce+0.5*dice.  [default: ce]"),
+    _opt("--class-weights", "none|FILE[:METHOD]", "Loss weights per class from a stats JSON of "
+         "`dataprep stats` (METHOD: enet, median_frequency, inverse_sqrt; default enet), or none. "
+         "By default the cache's own stats.json with the ENet rule if `dataprep stats` wrote it, "
+         "else none; the run's first lines say which.  [default: auto]"),
+    _opt("--amp", "auto|bf16|fp16|none", "Mixed precision: auto is bf16 on a GPU that has it "
+         "(fp16 with loss scaling on older GPUs) and none (float32) on the CPU.  [default: auto]"),
+    click.option("--channels-last/--no-channels-last", default=None,
+                 help="channels_last memory format for images and model.  "
+                 "[default: on with CUDA, off on CPU]"),
+    _opt("--eval-every", "STEPS", "Validate every N steps.  [default: end of every epoch]"),
+    _opt("--log-every", "STEPS", "A metrics.jsonl train line every N steps.  [default: 10]"),
     _opt("--checkpoint-every", "STEPS", "Also write last.pt every N steps."),
-    _opt("--res", "N|HxW", "Training crop size [640]."),
-    _opt("--scale", "LOW,HIGH", "Random scale range [0.5,2.0]."),
-    _opt("--eval-scale", "S", "Validation frames are resized by S [1.0]."),
-    _opt("--flip-prob", "P", "Horizontal flip probability [0.5]."),
-    click.option("--jitter/--no-jitter", default=None, help="Colour jitter [on]."),
+    _opt("--res", "N|HxW", "Training crop size.  [default: 640]"),
+    _opt("--scale", "LOW,HIGH", "Random scale range.  [default: 0.5,2.0]"),
+    _opt("--eval-scale", "S", "Validation frames are resized by S.  [default: 1.0]"),
+    _opt("--flip-prob", "P", "Horizontal flip probability.  [default: 0.5]"),
+    click.option("--jitter/--no-jitter", default=None, help="Colour jitter.  [default: on]"),
     _opt("--cat-max-ratio", "R", "Re-draw crops where one class covers more than R."),
-    _opt("--workers", "N", "Loader workers per rank [loader's default]."),
-    _opt("--device", "DEV", "cpu, cuda, cuda:1 [cuda if available]."),
-    _opt("--seed", "N", "Seed of model init, sample order and augmentation [0]."),
+    _opt("--workers", "N", "Loader workers per rank.  [default: loader's default]"),
+    _opt("--device", "DEV", "cpu, cuda, cuda:1.  [default: cuda if available]"),
+    _opt("--seed", "N", "Seed of model init, sample order and augmentation.  [default: 0]"),
     _opt("--limit", "N", "Smoke run: at most N steps per epoch and N validation frames."),
-    click.option("--sync-bn/--no-sync-bn", default=None, help="SyncBatchNorm under DDP [off]."),
+    click.option("--sync-bn/--no-sync-bn", default=None,
+                 help="SyncBatchNorm under DDP.  [default: off]"),
     click.option("--deterministic/--no-deterministic", default=None,
-                 help="torch.use_deterministic_algorithms [off]."),
-    click.option("--plots/--no-plots", default=None, help="Write PNG plots [on]."),
+                 help="torch.use_deterministic_algorithms.  [default: off]"),
+    click.option("--plots/--no-plots", default=None, help="Write PNG plots.  [default: on]"),
+    click.option("--tensorboard/--no-tensorboard", default=None,
+                 help="Also write TensorBoard event files into RUN/tb (needs the tensorboard "
+                 "package).  [default: off]"),
     click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt."),
 ]
 
@@ -88,14 +101,33 @@ HELP = {"help_option_names": ["-h", "--help"]}
 @_apply(TRAIN_OPTIONS)
 @user_errors
 def train(config_file, model_args, resume, **flags):
-    """Train an smp model on a cache, validating and checkpointing as it goes."""
+    """Train an smp model on a cache, validating and checkpointing as it goes.
+
+    \b
+    Examples:
+      train --loader dali --res 640
+      train --arch unet --encoder resnet18 --iters 200 --limit 20 --out runs/smoke
+      train --out runs/train --resume
+      train --config exp.yaml --lr 0.02 --tensorboard
+
+    The first trains on the default cache with its stats.json class weights; --resume
+    continues the run in --out from its last.pt; flags override a --config file.
+    """
     from training.config import parse_model_args, resolve_config
     from training.run import run_training
 
     if model_args:
         flags["model_kwargs"] = parse_model_args(model_args)
-    config = resolve_config(flags, config_file, resume=resume)
-    return run_training(config, resume=resume)
+    notes: list[str] = []
+    config = resolve_config(flags, config_file, resume=resume, notes=notes)
+    for note in notes:
+        click.echo(note, err=True)
+    try:
+        return run_training(config, resume=resume)
+    except KeyboardInterrupt:
+        click.echo(f"interrupted; `train --out {config.out} --resume` continues from its "
+                   f"last checkpoint ({config.out}/last.pt)", err=True)
+        raise SystemExit(130) from None
 
 
 def parse_scales(text: str) -> tuple[float, ...]:
@@ -108,10 +140,14 @@ def parse_scales(text: str) -> tuple[float, ...]:
 
 @click.command("evaluate", context_settings=HELP)
 @click.option("--checkpoint", required=True, metavar="FILE", help="best.pt or last.pt of a run.")
-@click.option("--cache", required=True, metavar="DIR", help="Cache made by `dataprep build`.")
-@click.option("--split", default="val", show_default=True, help="Split to score (or export).")
-@click.option("--loader", default="torch", show_default=True, help="Loader kind: torch or dali.")
-@click.option("--batch-size", default=1, type=int, show_default=True)
+@click.option("--cache", default=None, metavar="DIR", help="Cache made by `dataprep build`.  "
+              "[default: $CITYSCAPES_CACHE, else ./cityscapes.zarr]")
+@click.option("--split", default="val", show_default=True, metavar="NAME",
+              help="Split to score (or export).")
+@click.option("--loader", default="torch", show_default=True, metavar="torch|dali",
+              help="Loader kind.")
+@click.option("--batch-size", default=1, type=int, show_default=True, metavar="N",
+              help="Frames per forward pass.")
 @click.option("--tta", default="1.0", show_default=True, metavar="SCALES",
               help="Test-time scales, e.g. 0.75,1.0,1.25.")
 @click.option("--flip", is_flag=True, help="Add mirrored views (test-time augmentation).")
@@ -119,20 +155,38 @@ def parse_scales(text: str) -> tuple[float, ...]:
 @click.option("--export", "export_dir", default=None, metavar="DIR",
               help="Write predictions as benchmark labelId PNGs.")
 @click.option("--visualize", "visualize_dir", default=None, metavar="DIR",
-              help="Write colour overlays of the predictions.")
-@click.option("--device", default=None, help="cpu, cuda, cuda:1 [cuda if available].")
-@click.option("--limit", default=None, type=int, help="Score only the first N frames.")
+              help="Write per frame the prediction in the official colours and a sheet of "
+              "image, prediction, ground truth and errors with a legend.")
+@click.option("--device", default=None, metavar="DEV",
+              help="cpu, cuda, cuda:1.  [default: cuda if available]")
+@click.option("--limit", default=None, type=int, metavar="N", help="Score only the first N frames.")
 @click.option("--eval-scale", default=1.0, type=float, show_default=True,
               help="Resize frames by this factor before the model.")
-@click.option("--workers", default=None, type=int, help="Loader workers.")
+@click.option("--workers", default=None, type=int, metavar="N",
+              help="Loader workers.  [default: loader's default]")
 @click.option("--amp", default="none", show_default=True, type=click.Choice(["bf16", "fp16", "none"]),
               help="Autocast dtype (fp16 needs CUDA).")
 @user_errors
 def evaluate(checkpoint, cache, split, loader, batch_size, tta, flip, json_path, export_dir,
              visualize_dir, device, limit, eval_scale, workers, amp):
-    """Score a checkpoint on a cache split (official Cityscapes metrics), optionally with TTA."""
+    """Score a checkpoint on a cache split (official Cityscapes metrics), optionally with TTA.
+
+    \b
+    Examples:
+      evaluate --checkpoint runs/train/best.pt --json runs/train/val.json
+      evaluate --checkpoint runs/train/best.pt --tta 0.75,1.0,1.25 --flip
+      evaluate --checkpoint runs/train/best.pt --visualize overlays --limit 20
+      evaluate --checkpoint runs/train/best.pt --split test --export results
+
+    The last writes the test split in the benchmark server's format.
+    """
+    from cache.location import resolve_cache
     from training.evaluate import run_evaluate
 
+    if cache is None:
+        found = resolve_cache(None, must_exist=True)
+        click.echo(found.describe("cache"), err=True)
+        cache = str(found.path)
     return run_evaluate(checkpoint, cache, split, loader=loader, batch_size=batch_size,
                         tta_scales=parse_scales(tta), tta_flip=flip, json_path=json_path,
                         export_dir=export_dir, visualize_dir=visualize_dir, device=device,
@@ -150,7 +204,7 @@ def evaluate(checkpoint, cache, split, loader, batch_size, tta, flip, json_path,
 @click.option("--video", "video_path", default=None, metavar="FILE.mp4",
               help="Also write the overlays, in input order, as an H.264 video.")
 @click.option("--fps", default=None, type=float,
-              help="Frame rate of --video [the input video's, or 5 for images].")
+              help="Frame rate of --video.  [default: the input video's, or 5 for images]")
 @click.option("--images/--no-images", default=True, show_default=True,
               help="Write the colour and overlay PNGs.")
 @click.option("--batch-size", default=1, type=int, show_default=True,
@@ -159,10 +213,10 @@ def evaluate(checkpoint, cache, split, loader, batch_size, tta, flip, json_path,
               help="Test-time scales, e.g. 0.75,1.0,1.25.")
 @click.option("--flip", is_flag=True, help="Add mirrored views (test-time augmentation).")
 @click.option("--eval-scale", default=None, type=float,
-              help="Resize frames by this factor before the model [the checkpoint's].")
+              help="Resize frames by this factor before the model.  [default: the checkpoint's]")
 @click.option("--alpha", default=0.5, type=float, show_default=True,
               help="Weight of the colours in the overlay.")
-@click.option("--device", default=None, help="cpu, cuda, cuda:1 [cuda if available].")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1.  [default: cuda if available]")
 @click.option("--amp", default="none", show_default=True, type=click.Choice(["bf16", "fp16", "none"]),
               help="Autocast dtype (fp16 needs CUDA).")
 @click.option("--limit", default=None, type=int, help="Predict only the first N frames.")

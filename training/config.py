@@ -22,7 +22,10 @@ from loaders.contract import LOADER_KINDS
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("poly", "cosine")
-AMP_MODES = ("bf16", "fp16")
+AMP_MODES = ("auto", "bf16", "fp16")
+# Options whose "off" value is None internally and the word "none" in files and flags: a saved
+# config.yaml then reads "amp: none", never a null that could mean "the default".
+NONE_WORDS = ("amp", "class_weights", "encoder_weights")
 CONFIG_NAMES = ("config.yaml", "config.json")
 
 # Per-optimiser defaults for --lr and --weight-decay (torchvision's segmentation reference for
@@ -56,8 +59,9 @@ class TrainConfig:
     poly_power: float = 0.9
     warmup: int = 0                    # optimiser steps of linear warm-up
     loss: str = "ce"
-    class_weights: str | None = None   # "PATH/stats.json[:method]"
-    amp: str | None = None
+    class_weights: str | None = "auto"  # "PATH/stats.json[:method]"; auto: the cache's stats.json, enet
+    amp: str | None = "auto"           # auto: bf16 (fp16 on older GPUs) on CUDA, float32 on the CPU
+    channels_last: bool | None = None  # None: on for CUDA, off on the CPU
     eval_every: int | None = None      # optimiser steps; None: at the end of every epoch
     log_every: int = 10
     checkpoint_every: int | None = None  # optimiser steps; besides every eval and epoch end
@@ -74,6 +78,7 @@ class TrainConfig:
     sync_bn: bool = False
     deterministic: bool = False
     plots: bool = True
+    tensorboard: bool = False          # also TensorBoard event files in RUN/tb
 
     @property
     def resolved_epochs(self) -> int | None:
@@ -90,11 +95,13 @@ class TrainConfig:
         return DEFAULT_WEIGHT_DECAY[self.optimizer] if self.weight_decay is None else self.weight_decay
 
     def to_dict(self) -> dict:
-        """Plain JSON/YAML types only (tuples become lists)."""
+        """Plain JSON/YAML types only (tuples become lists; "off" is the word none)."""
         out = asdict(self)
         for key, value in out.items():
             if isinstance(value, tuple):
                 out[key] = list(value)
+            if key in NONE_WORDS and value is None:
+                out[key] = "none"
         return out
 
 
@@ -224,11 +231,13 @@ PARSERS: dict[str, Callable] = {
     "optimizer": _choice(OPTIMIZERS), "schedule": _choice(SCHEDULES),
     "poly_power": _float(0.0, strict=True), "warmup": _int(0), "loss": _str,
     "class_weights": _optional(_str), "amp": _choice(AMP_MODES, none_word="none"),
+    "channels_last": _optional(_bool),
     "eval_every": _optional(_int(1)), "log_every": _int(1), "checkpoint_every": _optional(_int(1)),
     "res": _res, "scale": _scale, "eval_scale": _float(0.0, strict=True),
     "flip_prob": _float(0.0), "jitter": _bool, "cat_max_ratio": _optional(_float(0.0, strict=True)),
     "workers": _optional(_int(0)), "device": _optional(_str), "seed": _int(0),
     "limit": _optional(_int(1)), "sync_bn": _bool, "deterministic": _bool, "plots": _bool,
+    "tensorboard": _bool,
 }
 assert set(PARSERS) == {f.name for f in fields(TrainConfig)}, "every option needs a parser"
 
@@ -283,8 +292,10 @@ def saved_config_path(run_dir: str | os.PathLike) -> Path | None:
     return None
 
 
-def resolve_config(flags: dict, config_file: str | None = None, *, resume: bool = False) -> TrainConfig:
-    """Defaults < saved run config (on resume) < config file < flags (None means 'not given')."""
+def resolve_config(flags: dict, config_file: str | None = None, *, resume: bool = False,
+                   notes: list[str] | None = None) -> TrainConfig:
+    """Defaults < saved run config (on resume) < config file < flags (None means 'not given').
+    A cache given nowhere is the default place (cache.location); `notes` gets a line saying so."""
     flags = {k: v for k, v in flags.items() if v is not None}
     values: dict = {}
     file_values = parse_values(read_config_file(config_file), f"--config {config_file}") \
@@ -302,6 +313,13 @@ def resolve_config(flags: dict, config_file: str | None = None, *, resume: bool 
     if "model_kwargs" in given:    # --model-arg sets single keys of the file's model_kwargs
         given["model_kwargs"] = {**values.get("model_kwargs", {}), **given["model_kwargs"]}
     values.update(given)
+    if values.get("cache") is None:
+        from cache.location import resolve_cache
+
+        found = resolve_cache(None, must_exist=True)
+        values["cache"] = str(found.path)
+        if notes is not None:
+            notes.append(found.describe("cache"))
     return validate(TrainConfig(**values))
 
 
@@ -324,8 +342,6 @@ def parse_model_args(pairs) -> dict:
 
 def validate(config: TrainConfig) -> TrainConfig:
     """Checks that involve more than one option."""
-    if config.cache is None:
-        raise UserError("--cache is required (the cache made by `dataprep build`)")
     if config.epochs is not None and config.iters is not None:
         raise UserError("give --epochs or --iters, not both")
     if config.warmup and config.iters is not None and config.warmup >= config.iters:
@@ -335,6 +351,10 @@ def validate(config: TrainConfig) -> TrainConfig:
     from training.losses import parse_loss_spec
 
     parse_loss_spec(config.loss)
+    if config.tensorboard:
+        from training.tensorboard import require_tensorboard
+
+        require_tensorboard()
     return config
 
 

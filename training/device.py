@@ -34,8 +34,13 @@ class DistEnv:
         return self.world_size > 1
 
 
-def resolve_device(requested: str | torch.device | None, local_rank: int = 0) -> torch.device:
-    """--device as a torch.device (None: cuda if available); a bare "cuda" is this rank's GPU."""
+def resolve_device(requested: str | torch.device | None, local_rank: int = 0, *,
+                   under_torchrun: bool = False) -> torch.device:
+    """--device as a torch.device (None: cuda if available); a bare "cuda" is this rank's GPU.
+
+    Under torchrun LOCAL_RANK picks the GPU whatever index was asked for: an explicit
+    `--device cuda:0` would otherwise put every rank on GPU 0 (NCCL refuses duplicate GPUs).
+    """
     if requested is None:
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -45,19 +50,28 @@ def resolve_device(requested: str | torch.device | None, local_rank: int = 0) ->
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UserError(f"--device {requested}: CUDA is not available on this machine")
-        if device.index is None:
+        if device.index is None or under_torchrun:
             device = torch.device("cuda", local_rank)
+        if device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} "
+                            "CUDA device(s)")
     return device
+
+
+def use_device(device: torch.device) -> None:
+    """Make `device` this process's current CUDA device, so that every stream, event and side
+    thread (DALI's, the pin-memory thread) opens its context there and not on GPU 0."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
 
 
 def init_distributed(requested_device: str | None) -> DistEnv:
     """Single process, or one rank of a torchrun job (env:// rendezvous; gloo on CPU, nccl on CUDA)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(requested_device, local_rank)
+    device = resolve_device(requested_device, local_rank, under_torchrun=world_size > 1)
+    use_device(device)
     if world_size > 1:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
         backend = "nccl" if device.type == "cuda" else "gloo"
         if not dist.is_initialized():
             dist.init_process_group(backend=backend, init_method="env://")
@@ -65,7 +79,9 @@ def init_distributed(requested_device: str | None) -> DistEnv:
 
 
 def single_process(requested_device: str | torch.device | None) -> DistEnv:
-    return DistEnv(0, 1, 0, resolve_device(requested_device))
+    device = resolve_device(requested_device)
+    use_device(device)
+    return DistEnv(0, 1, 0, device)
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -86,8 +102,25 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = True
 
 
+def resolve_amp(amp: str | None, device: torch.device) -> str | None:
+    """--amp auto: bf16 on a GPU that supports it, fp16 (with a GradScaler) on an older GPU,
+    float32 (None) on the CPU. Anything else is returned as asked."""
+    if amp != "auto":
+        return amp
+    if device.type != "cuda":
+        return None
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def resolve_channels_last(channels_last: bool | None, device: torch.device) -> bool:
+    """channels_last by default on CUDA (tensor cores want NHWC; both loaders hand it for
+    free), contiguous NCHW on the CPU."""
+    return device.type == "cuda" if channels_last is None else bool(channels_last)
+
+
 def autocast_context(amp: str | None, device: torch.device):
     """Autocast for --amp (None: float32), refusing what the device cannot do well."""
+    amp = resolve_amp(amp, device)
     if amp is None:
         return nullcontext()
     if amp not in AMP_DTYPES:

@@ -27,7 +27,7 @@ confusion matrix is summed over ranks, and only rank 0 writes files and shows pr
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -35,15 +35,31 @@ import torch.distributed as dist
 from torch import nn
 
 from cache.errors import UserError
-from training.builders import build_parts, build_split_loader, model_meta
+from training.builders import build_parts, build_split_loader, model_meta, resolve_defaults
 from training.config import TrainConfig, save_config
 from training.device import (DistEnv, broadcast_buffers, init_distributed, seed_everything,
                              unwrap)
-from training.engine import evaluate, rng_isolated, train_one_epoch
+from training.engine import DataWait, evaluate, rng_isolated, train_one_epoch
 
 LAST, BEST, METRICS = "last.pt", "best.pt", "metrics.jsonl"
 # The scores an "eval" line of metrics.jsonl keeps (the confusion matrix goes to `evaluate`'s JSON).
 EVAL_LOG_KEYS = ("miou", "pixel_accuracy", "class_iou", "category_iou", "category_miou", "pixels")
+
+
+class TimingTotals:
+    """Training seconds and data-wait seconds over the whole run (for the closing summary)."""
+
+    def __init__(self):
+        self.steps, self.seconds, self.waited = 0, 0.0, 0.0
+
+    def add(self, steps: int, seconds: float, waited: float) -> None:
+        self.steps += steps
+        self.seconds += seconds
+        self.waited += waited
+
+    @property
+    def wait_share(self) -> float | None:
+        return self.waited / self.seconds if self.seconds > 0 else None
 
 
 @dataclass
@@ -80,9 +96,10 @@ class TrainProgress:
             TextColumn("[bold]train[/] ep {task.fields[epoch]}"), BarColumn(),
             MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
             TextColumn("lr {task.fields[lr]}"), TextColumn("{task.fields[ips]} img/s"),
+            TextColumn("data wait {task.fields[wait]}"),
             TimeElapsedColumn(), TimeRemainingColumn(), console=console)
         self.task = self.progress.add_task("train", total=total, completed=completed, epoch=0,
-                                           loss="-", lr="-", ips="-")
+                                           loss="-", lr="-", ips="-", wait="-")
         self.progress.start()
 
     def update(self, step: int, **fields) -> None:
@@ -95,11 +112,13 @@ class TrainProgress:
 
 
 class LogWindow:
-    """The loss summed since the last train line, and the time and steps behind images/s
-    (the timer restarts after evaluations and checkpoints: images/s counts training only)."""
+    """The loss summed since the last train line, and the time and steps behind images/s,
+    step_time and data_time (the timers restart after evaluations and checkpoints: they count
+    training only). Nothing here synchronises with the device except `close`, at a log point."""
 
     def __init__(self, device: torch.device, loss_sum: float = 0.0, steps: int = 0):
         self.device = device
+        self.wait = DataWait(device)
         self._open(loss_sum, steps)
 
     def _open(self, loss_sum: float, steps: int) -> None:
@@ -114,15 +133,19 @@ class LogWindow:
 
     def restart_timer(self) -> None:
         self.start, self.timed_steps = time.perf_counter(), 0
+        self.wait.reset()
 
-    def close(self, env: DistEnv) -> tuple[float, int, float]:
-        """(mean loss over all ranks, timed steps, seconds); the window starts anew."""
+    def close(self, env: DistEnv) -> tuple[float, int, float, float]:
+        """(mean loss over all ranks, timed steps, seconds, seconds waiting for data); the
+        window starts anew. Reading the loss waits for the device, so the seconds are the
+        device's too."""
         loss = self.loss_sum.detach().clone()
         if env.distributed:
             dist.all_reduce(loss)
             loss /= env.world_size
-        closed = (loss.item() / max(1, self.steps), self.timed_steps,
-                  time.perf_counter() - self.start)
+        mean_loss = loss.item() / max(1, self.steps)
+        closed = (mean_loss, self.timed_steps, time.perf_counter() - self.start,
+                  self.wait.seconds())
         self._open(0.0, 0)
         return closed
 
@@ -158,16 +181,23 @@ class Trainer:
             raise UserError(f"--val-split {config.val_split}: this split has no masks; "
                             "validation needs a labelled split such as val")
         self.val_hw = (val.height, val.width)
+        self.config = config = resolve_defaults(config, self.reader, env)
         self.meta = model_meta(config, self.reader)
         checkpoint = self._open_checkpoint(resume)     # before anything big is built
         self.train_loader = build_split_loader(config, env, train=True)
         self.val_loader = build_split_loader(config, env, train=False)
         self.steps_per_epoch = self._steps_per_epoch()
+        self._keep_loader_streams()
+        self.config = config = replace(config, workers=self.train_loader.num_workers,
+                                       eval_every=config.eval_every or self.steps_per_epoch)
         self.total_steps = config.iters or config.resolved_epochs * self.steps_per_epoch
         self.parts = build_parts(config, self.meta, self.reader, env, self.total_steps)
+        self.resumed_finished = False
         self.step, self.best_miou, self.last_eval = 0, None, None
+        self.best_step = None
         self.saved_step = self.evaluated_step = -1
         self.window = LogWindow(env.device)
+        self.timing = TimingTotals()
         if checkpoint is not None:
             self._restore(*checkpoint)
         if env.is_main:
@@ -182,6 +212,15 @@ class Trainer:
     def batch_in_epoch(self) -> int:
         """Micro-batches of the current epoch already consumed."""
         return self.step % self.steps_per_epoch * self.config.grad_accum
+
+    def _keep_loader_streams(self) -> None:
+        """Epochs consume exactly what the loaders yield, so that their streams run on from
+        one epoch into the next: a training epoch is steps_per_epoch * grad_accum batches
+        (fewer than len() with --limit, or a --grad-accum that does not divide it), a limited
+        validation the batches holding its --limit frames."""
+        self.train_loader.limit_epochs(self.steps_per_epoch * self.config.grad_accum)
+        if self.config.limit is not None:
+            self.val_loader.limit_epochs(-(-self.config.limit // self.config.val_batch_size))
 
     def _steps_per_epoch(self) -> int:
         steps = len(self.train_loader) // self.config.grad_accum
@@ -234,6 +273,7 @@ class Trainer:
         parts.scaler.load_state_dict(data["scaler"])
         saved = data["progress"]
         self.step, self.best_miou = saved["step"], saved["best_miou"]
+        self.best_step = saved.get("best_step")
         self.saved_step, self.evaluated_step = self.step, saved["evaluated_step"]
         self.window = LogWindow(self.env.device, **data["log_window"])
         states = data["rng"]
@@ -282,11 +322,18 @@ class Trainer:
 
     def _progress(self) -> dict:
         return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "step": self.step,
-                "best_miou": self.best_miou, "total_steps": self.total_steps,
+                "best_miou": self.best_miou, "best_step": self.best_step, "total_steps": self.total_steps,
                 "evaluated_step": self.evaluated_step}
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> TrainResult:
+        if self.step >= self.total_steps and self.evaluated_step == self.step:
+            self.resumed_finished = True
+            self._note(f"{self.run_dir}: this run finished already at step {self.step} of "
+                       f"{self.total_steps}; nothing to train. Raise --iters/--epochs to go on, "
+                       f"or evaluate it: evaluate --checkpoint {self.run_dir / BEST}")
+            return self._result()
+        self._banner()
         self.progress = TrainProgress(self.console, self.total_steps, self.step)
         try:
             while self.step < self.total_steps:
@@ -299,8 +346,30 @@ class Trainer:
             self.progress.stop()
         if self.env.is_main and self.config.plots:
             self._write_plots()
+        self._summary()
+        return self._result()
+
+    def _result(self) -> TrainResult:
         return TrainResult(self.run_dir, self.step, self.epoch, self.best_miou, self.last_eval,
                            unwrap(self.parts.model))
+
+    def _banner(self) -> None:
+        """What this run will do and where, before the first step."""
+        if self.console is None:
+            return
+        from training.report import banner_lines
+
+        for line in banner_lines(self):
+            self.console.print(line, soft_wrap=True, highlight=False)
+
+    def _summary(self) -> None:
+        """What the run did, and what to run next."""
+        if self.console is None:
+            return
+        from training.report import summary_lines
+
+        for line in summary_lines(self):
+            self.console.print(line, soft_wrap=True, highlight=False)
 
     def _train_epoch(self) -> None:
         """Steps from the current position to the end of the epoch (or of training)."""
@@ -310,7 +379,8 @@ class Trainer:
             next(batches)
         left_in_epoch = self.steps_per_epoch - self.step % self.steps_per_epoch
         steps = min(left_in_epoch, self.total_steps - self.step)
-        for loss in train_one_epoch(self.parts, batches, steps, self.config.grad_accum):
+        for loss in train_one_epoch(self.parts, batches, steps, self.config.grad_accum,
+                                    self.window.wait):
             self.step += 1
             self.window.add(loss)
             self.progress.update(self.step)
@@ -333,16 +403,23 @@ class Trainer:
 
     def _log_train(self) -> None:
         """One metrics.jsonl line with the mean loss since the last line (over all ranks)."""
-        loss, timed_steps, seconds = self.window.close(self.env)
+        loss, timed_steps, seconds, waited = self.window.close(self.env)
         config = self.config
         images = timed_steps * config.batch_size * config.grad_accum * self.env.world_size
+        step_time = seconds / timed_steps if timed_steps else None
+        data_time = waited / timed_steps if timed_steps else None
         record = {"event": "train", "step": self.step, "epoch": self.step / self.steps_per_epoch,
                   "loss": loss, "lr": self.parts.optimizer.param_groups[0]["lr"],
-                  "images_per_s": images / seconds if seconds > 0 else None}
+                  "images_per_s": images / seconds if seconds > 0 and timed_steps else None,
+                  "step_time": step_time, "data_time": data_time}
+        if timed_steps:
+            self.timing.add(timed_steps, seconds, waited)
         if self.env.is_main:
             self._append(record)
+            wait = "-" if not step_time else f"{100 * data_time / step_time:.0f}%"
             self.progress.update(self.step, epoch=f"{record['epoch']:.2f}", loss=f"{loss:.4f}",
-                                 lr=f"{record['lr']:.2e}", ips=f"{record['images_per_s'] or 0:.1f}")
+                                 lr=f"{record['lr']:.2e}", ips=f"{record['images_per_s'] or 0:.1f}",
+                                 wait=wait)
 
     # -- evaluation -------------------------------------------------------------------------
     def _evaluate_and_save(self) -> None:
@@ -352,7 +429,7 @@ class Trainer:
         miou = scores["miou"]
         improved = miou is not None and (self.best_miou is None or miou > self.best_miou)
         if improved:
-            self.best_miou = miou
+            self.best_miou, self.best_step = miou, self.step
             if self.env.is_main:
                 self._save_best(scores)
         self._save_last()
@@ -369,10 +446,25 @@ class Trainer:
         from training.metrics import ConfusionMatrix
 
         matrix = ConfusionMatrix(self.reader.num_classes, self.reader.ignore_index)
+        device = self.env.device
+        loss_sum = torch.zeros((), device=device)
+        weighted = torch.zeros((), device=device)
+
+        def add_loss(prediction) -> None:   # device tensors: no sync per batch
+            nonlocal loss_sum, weighted
+            if prediction.loss is not None:
+                loss_sum = loss_sum + prediction.loss * len(prediction.rows)
+                weighted = weighted + len(prediction.rows)
+
         evaluate(self.parts.model, rng_isolated(self.val_loader), matrix, self.val_hw,
-                 limit=self.config.limit, autocast=self.parts.autocast)
+                 limit=self.config.limit, autocast=self.parts.autocast,
+                 criterion=self.parts.criterion, on_prediction=add_loss)
+        totals = torch.stack([loss_sum, weighted])
+        if self.env.distributed:
+            dist.all_reduce(totals)
         scores = matrix.compute(self.reader.class_names)
-        return {key: scores[key] for key in EVAL_LOG_KEYS}
+        val_loss = float(totals[0] / totals[1]) if float(totals[1]) > 0 else None
+        return {**{key: scores[key] for key in EVAL_LOG_KEYS}, "val_loss": val_loss}
 
     def _append(self, record: dict) -> None:
         from training.plots import append_metrics

@@ -1,0 +1,80 @@
+"""What a training run says at its start (what it will do, and where) and at its end (what it
+did, and what to run next). Plain lines: they go to the console above the progress bar, and
+read the same in a log file."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from training.run import Trainer
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return "cpu"
+
+
+def describe_loader(loader, kind: str) -> str:
+    """Where the loader's work runs: the user's evidence of what feeds the model."""
+    workers = getattr(loader, "num_workers", 0)
+    device = getattr(loader, "device", torch.device("cpu"))
+    if kind == "dali":
+        place = f"DALI on the GPU ({device})" if device.type == "cuda" else "DALI CPU-only mode"
+        return f"{place}, {workers} source worker(s) reading cache tiles"
+    if device.type == "cuda":
+        return (f"torch: {workers} DataLoader worker(s) read and resize uint8 windows; colour "
+                f"jitter and normalisation on {device}")
+    return f"torch: {workers} DataLoader worker(s) on the CPU do all the augmentation"
+
+
+def describe_class_weights(spec: str | None) -> str:
+    if spec is None:
+        return "none (`dataprep stats` writes the cache's stats.json; then enet is the default)"
+    return f"{spec} (--class-weights none to train without)"
+
+
+def banner_lines(trainer: "Trainer") -> list[str]:
+    config, env = trainer.config, trainer.env
+    train_frames = len(trainer.train_loader.rows) if hasattr(trainer.train_loader, "rows") else None
+    val_frames = len(trainer.val_loader.rows) if hasattr(trainer.val_loader, "rows") else None
+    precision = config.amp or "float32"
+    layout = "channels_last" if config.channels_last else "NCHW"
+    ranks = f" x {env.world_size} ranks" if env.distributed else ""
+    epochs = trainer.total_steps / trainer.steps_per_epoch
+    start = f", resuming at step {trainer.step}" if trainer.step else ""
+    return [
+        f"[bold]train[/] {config.arch} / {config.encoder} (encoder weights: "
+        f"{config.encoder_weights or 'none'}) at {config.res[0]}x{config.res[1]}",
+        f"  device      {describe_device(env.device)}{ranks}, {precision}, {layout}",
+        f"  loader      {describe_loader(trainer.train_loader, config.loader)}",
+        f"  data        {config.cache}: {config.train_split} {train_frames} frames, "
+        f"{config.val_split} {val_frames} frames"
+        + (f" (--limit {config.limit})" if config.limit else ""),
+        f"  steps       {trainer.steps_per_epoch} per epoch x {epochs:g} epochs = "
+        f"{trainer.total_steps} steps of {config.batch_size * config.grad_accum * env.world_size} "
+        f"frames{start}; validation every {config.eval_every} steps",
+        f"  class weights {describe_class_weights(config.class_weights)}",
+        f"  run dir     {trainer.run_dir} (config.yaml, metrics.jsonl, last.pt, best.pt)",
+    ]
+
+
+def summary_lines(trainer: "Trainer") -> list[str]:
+    run_dir, best = trainer.run_dir, trainer.best_miou
+    final = (trainer.last_eval or {}).get("miou")
+    pct = (lambda v: "n/a" if v is None else f"{100 * v:.2f}%")
+    lines = [f"[bold]done[/]: {trainer.step} steps; best val mIoU {pct(best)}"
+             + (f" at step {trainer.best_step}" if trainer.best_step is not None else "")
+             + f", final {pct(final)}"]
+    share = trainer.timing.wait_share
+    if share is not None:
+        seconds = trainer.timing.seconds / max(1, trainer.timing.steps)
+        verdict = ("the loader kept up" if share < 0.05 else
+                   "the model waited for data: more --workers, or --loader dali on a GPU")
+        lines.append(f"  data wait   {100 * share:.1f}% of {seconds * 1000:.0f} ms per step "
+                     f"({verdict})")
+    lines += [f"  run dir     {run_dir}",
+              f"  next        evaluate --checkpoint {run_dir / 'best.pt'} --cache {trainer.config.cache}"]
+    return lines
