@@ -58,7 +58,9 @@ def labelid_to_trainid(labels) -> np.ndarray:
 def colorize(pred) -> np.ndarray:
     """(H, W, 3) uint8 picture of a trainId map in the official Cityscapes colours."""
     pred = _as_numpy(pred)
-    return TRAINID_TO_COLOUR[np.where((pred >= 0) & (pred < 256), pred, 255).astype(np.uint8)]
+    if pred.dtype != np.uint8:                   # uint8 indexes the table as it is
+        pred = np.where((pred >= 0) & (pred < 256), pred, 255).astype(np.uint8)
+    return TRAINID_TO_COLOUR[pred]
 
 
 def _as_numpy(array) -> np.ndarray:

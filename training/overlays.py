@@ -51,7 +51,8 @@ def hatch(shape: tuple[int, int], period: int) -> np.ndarray:
 
 
 def blend(image: np.ndarray, colour: np.ndarray, alpha: float) -> np.ndarray:
-    return (image * (1.0 - alpha) + colour * alpha).round().astype(np.uint8)
+    mixed = image * np.float32(1.0 - alpha) + colour * np.float32(alpha)
+    return (mixed + 0.5).astype(np.uint8)         # rounds: both terms are >= 0
 
 
 def paint_ignored(panel: np.ndarray, image: np.ndarray, ignored: np.ndarray,
@@ -136,7 +137,7 @@ def overlay_sheet(image, pred, gt=None, *, title: str = "", ignore_index: int = 
     to the prediction's size. Without `gt`: the image and prediction panels only."""
     from PIL import Image
 
-    pred = _as_numpy(pred).astype(np.int64)
+    pred = _as_labels(pred)
     image = _as_numpy(image).astype(np.uint8)
     if image.shape[:2] != pred.shape:
         image = np.asarray(Image.fromarray(image).resize(pred.shape[::-1], Image.BILINEAR))
@@ -144,15 +145,27 @@ def overlay_sheet(image, pred, gt=None, *, title: str = "", ignore_index: int = 
     period = 12 * factor                       # stripes 12 px apart after shrinking
     panels = [(image, title or "image"),
               (blend(image, colorize(pred), PREDICTION_ALPHA), "prediction")]
-    present = set(np.unique(pred).tolist())
+    present = _present(pred)
     if gt is not None:
-        gt = _as_numpy(gt).astype(np.int64)
+        gt = _as_labels(gt)
         ignored = gt == ignore_index
         truth = paint_ignored(blend(image, colorize(gt), PREDICTION_ALPHA), image, ignored, period)
         errors, wrong = error_panel(image, pred, gt, ignore_index, period)
         panels += [(truth, "ground truth"), (errors, f"errors: {100 * wrong:.1f}% of scored pixels")]
-        present |= set(np.unique(gt[~ignored]).tolist())
+        present |= _present(gt) - {ignore_index}
     return _compose([(_shrink(p, factor), text) for p, text in panels], present, gt is not None)
+
+
+def _as_labels(array) -> np.ndarray:
+    """uint8 label map (cheap to colour and count); anything outside 0..255 becomes 255."""
+    array = _as_numpy(array)
+    if array.dtype == np.uint8:
+        return array
+    return np.where((array >= 0) & (array < 256), array, 255).astype(np.uint8)
+
+
+def _present(labels: np.ndarray) -> set[int]:
+    return set(np.flatnonzero(np.bincount(labels.ravel(), minlength=256)).tolist())
 
 
 def _compose(panels: list[tuple[np.ndarray, str]], present: set[int], with_errors: bool) -> np.ndarray:
