@@ -68,11 +68,21 @@ def blocky_source(split: str, row: int, height: int, width: int):
     return blocky_frame(height, width, seed=(0 if split == "train" else 1000) + row)
 
 
+def denormalise(images):
+    """Normalised float images (B, 3, H, W) -> float pixels on 0..255: the inverse of
+    loaders.colour.normalise, for reading loader output back in tests."""
+    import torch
+
+    from loaders.contract import MEAN, STD
+
+    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1)
+    return images.float() * std + mean
+
+
 def class_from_colour(image) -> np.ndarray:
     """(3, h, w) normalised image tensor -> class of the nearest CLASS_COLOUR per pixel."""
-    from loaders.colour import denormalise
-
-    pixels = denormalise(image[None])[0].permute(1, 2, 0).numpy()
+    pixels = denormalise(image[None].cpu())[0].permute(1, 2, 0).numpy()
     dist = ((pixels[:, :, None, :] - CLASS_COLOURS[None, None].astype(np.float32)) ** 2).sum(-1)
     return dist.argmin(-1)
 
