@@ -10,7 +10,11 @@ that kind alone: after a warm-up it counts images/s over --seconds, the CPU time
 process and all its descendants (loader workers) from /proc, as a percentage of one core,
 and the peak of the summed RSS (and PSS, which counts pages shared between forked workers
 once) of that process tree. The DALI kind runs in DALI's CPU-only mode, and on the GPU too
-when CUDA is available; so does the torch kind.
+when CUDA is available; so does the torch kind. Device "host" measures the host side of
+each cache kind alone, as it would feed a GPU (loaders/host_side.py): the torch kind's
+workers delivering uint8 batches, DALI's source workers delivering windows. Each row also
+counts the process tree's minor page faults per image and, on a GPU, the GPU memory the
+loader added (cudaMemGetInfo before building it and after the measurement).
 
 Without --root/--cache it writes a synthetic tree (`dataprep synth`) and builds its train
 split (`dataprep build`) under --work, once.
@@ -31,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 from cache.errors import UserError  # noqa: E402
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-RSS_SAMPLE_SECONDS = 0.25
+RSS_SAMPLE_SECONDS = 1.0  # reading smaps_rollup costs CPU too: at 0.25 s ~4% of a host row
 
 
 # -- process-tree accounting from /proc -----------------------------------------------------
@@ -55,17 +59,23 @@ def process_tree(root_pid: int) -> list[int]:
     return tree
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """utime + stime of these processes (all their threads), in seconds."""
-    total = 0
+def cpu_and_faults(pids: list[int]) -> tuple[float, int]:
+    """(utime + stime in seconds, minor page faults) of these processes, all threads."""
+    ticks = faults = 0
     for pid in pids:
         try:
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+            faults += int(fields[7])  # minflt
         except (OSError, IndexError, ValueError):
             continue
-    return total / CLOCK_TICKS
+    return ticks / CLOCK_TICKS, faults
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of these processes (all their threads), in seconds."""
+    return cpu_and_faults(pids)[0]
 
 
 def memory_mb(pids: list[int]) -> tuple[float, float]:
@@ -85,29 +95,54 @@ def memory_mb(pids: list[int]) -> tuple[float, float]:
 
 
 # -- one measurement (runs in a child process) ----------------------------------------------
-def make_loader(args, kind: str, device: str):
+def make_batches(args, kind: str, device: str):
+    """(endless batch iterator, workers) of one kind on one device ("host": the host side
+    alone, loaders/host_side.py)."""
     from loaders import AugmentConfig, build_loader
+    from loaders.contract import endless
 
     aug = AugmentConfig.square(args.res)
+    if device == "host":
+        from loaders import host_side
+
+        make = {"torch": host_side.torch_host_batches, "dali": host_side.dali_host_batches}
+        workers = host_side.default_host_workers(kind) if args.workers is None else args.workers
+        return make[kind](args.cache, args.split, batch_size=args.batch_size, aug=aug, seed=0,
+                          num_workers=workers), workers
     if kind == "png":
         from loaders.png_baseline import build_png_loader
 
         # repeat: one pass spans many epochs of the few bench frames, as in a real epoch
-        return build_png_loader(args.root, args.split, batch_size=args.batch_size, aug=aug,
-                                seed=0, num_workers=args.workers, repeat=50)
-    return build_loader(args.cache, args.split, kind, train=True, batch_size=args.batch_size,
-                        aug=aug, device=device, seed=0, num_workers=args.workers)
+        loader = build_png_loader(args.root, args.split, batch_size=args.batch_size, aug=aug,
+                                  seed=0, num_workers=args.workers, repeat=50)
+    else:
+        loader = build_loader(args.cache, args.split, kind, train=True,
+                              batch_size=args.batch_size, aug=aug, device=device, seed=0,
+                              num_workers=args.workers)
+    return endless(loader), getattr(loader, "num_workers", args.workers)
+
+
+def gpu_used_bytes() -> int | None:
+    """Device-wide GPU memory in use (cudaMemGetInfo), or None without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.synchronize()
+    free, total = torch.cuda.mem_get_info()
+    return total - free
 
 
 def measure(args, kind: str, device: str) -> dict:
     import torch
 
-    from loaders.contract import endless
+    from loaders.host_side import images_in
 
+    cuda = device == "cuda"
+    gpu_before = gpu_used_bytes() if cuda else None
     started = time.perf_counter()
-    loader = make_loader(args, kind, device)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    batches = endless(loader)
+    batches, workers = make_batches(args, kind, device)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     warm_until = time.perf_counter() + args.warmup
     warm_batches = 0
     while warm_batches < 3 or time.perf_counter() < warm_until:
@@ -117,12 +152,12 @@ def measure(args, kind: str, device: str) -> dict:
     startup = time.perf_counter() - started
     me = os.getpid()
     pids = process_tree(me)
-    cpu0, t0 = cpu_seconds(pids), time.perf_counter()
+    (cpu0, faults0), t0 = cpu_and_faults(pids), time.perf_counter()
+    main0 = cpu_seconds([me])
     peak_rss, peak_pss = memory_mb(pids)
     images, last_sample = 0, t0
     while time.perf_counter() - t0 < args.seconds:
-        batch = next(batches)
-        images += batch.image.shape[0]
+        images += images_in(next(batches))
         if time.perf_counter() - last_sample > RSS_SAMPLE_SECONDS:
             rss, pss = memory_mb(process_tree(me))
             peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
@@ -130,17 +165,24 @@ def measure(args, kind: str, device: str) -> dict:
     sync()
     elapsed = time.perf_counter() - t0
     pids = process_tree(me)
-    cpu1 = cpu_seconds(pids)
+    cpu1, faults1 = cpu_and_faults(pids)  # exited processes' faults are lost: few here
+    main1 = cpu_seconds([me])
     rss, pss = memory_mb(pids)
+    gpu_after = gpu_used_bytes() if cuda else None
     return {
         "kind": kind, "device": device,
         "images_per_second": images / elapsed,
         "cpu_percent": 100.0 * (cpu1 - cpu0) / elapsed,
+        # of which the consuming process itself (the rest: the loader's worker processes)
+        "main_cpu_percent": 100.0 * (main1 - main0) / elapsed,
         # robust to other load on the machine: what one core-second of CPU buys
         "images_per_cpu_second": images / max(cpu1 - cpu0, 1e-9),
+        "minor_faults_per_image": (faults1 - faults0) / max(images, 1),
         "peak_rss_mb": max(peak_rss, rss), "peak_pss_mb": max(peak_pss, pss),
+        # what the loader added on the GPU, pools and batches in flight included
+        "gpu_memory_mb": None if gpu_before is None else (gpu_after - gpu_before) / 2**20,
         "images": images, "seconds": elapsed, "startup_seconds": startup,
-        "processes": len(pids), "workers": getattr(loader, "num_workers", args.workers),
+        "processes": len(pids), "workers": workers,
         "batch_size": args.batch_size,
         "res": args.res, "cores": len(os.sched_getaffinity(0)),
     }
@@ -181,14 +223,26 @@ def parse_kinds(text: str) -> list[str]:
     return kinds
 
 
-def plan(kinds: list[str], cuda: bool) -> list[tuple[str, str]]:
-    """(kind, device) runs: every kind on the CPU, the cache kinds on the GPU as well."""
-    runs = []
-    for kind in kinds:
-        runs.append((kind, "cpu"))
-        if cuda and kind != "png":
-            runs.append((kind, "cuda"))
-    return runs
+DEVICES = ("cpu", "host", "cuda")
+
+
+def parse_devices(text: str, cuda: bool) -> list[str]:
+    """--devices: cpu (the whole loader on the CPU), host (the host side alone, as it feeds a
+    GPU), cuda (the whole loader with a GPU; dropped where there is none)."""
+    devices = [d.strip() for d in text.split(",") if d.strip()]
+    for device in devices:
+        if device not in DEVICES:
+            raise UserError(f"--devices: unknown device {device!r}; choose from "
+                            + ", ".join(DEVICES))
+    if not devices:
+        raise UserError("--devices: name at least one of " + ", ".join(DEVICES))
+    return [d for d in devices if cuda or d != "cuda"]
+
+
+def plan(kinds: list[str], devices: list[str]) -> list[tuple[str, str]]:
+    """(kind, device) runs, kind by kind: the PNG baseline runs on the CPU only."""
+    return [(kind, device) for kind in kinds for device in devices
+            if kind != "png" or device == "cpu"]
 
 
 def run_child(args, kind: str, device: str) -> dict:
@@ -216,23 +270,27 @@ def show(rows: list[dict]) -> None:
     table = Table(title="loader throughput (train batches, after warm-up)")
     base_cpu = next((r["images_per_cpu_second"] for r in rows
                      if r["kind"] == "png" and r["images_per_second"]), None)
-    for name in ("kind", "device", "img/s", "xPNG", "CPU%", "img/CPU-s", "xPNG(CPU)",
-                 "RSS MB", "PSS MB", "workers"):
+    columns = ("kind", "device", "img/s", "xPNG", "CPU%", "img/CPU-s", "xPNG(CPU)",
+               "faults/img", "RSS MB", "PSS MB", "GPU MB", "workers")
+    for name in columns:
         table.add_column(name, justify="left" if name in ("kind", "device") else "right")
     for r in rows:
         if r["images_per_second"] is None:
-            table.add_row(r["kind"], r["device"], "failed", "", "", "", "", "", "",
+            table.add_row(r["kind"], r["device"], "failed", *[""] * (len(columns) - 4),
                           r.get("error", ""))
             continue
         speedup = f"{r['images_per_second'] / base:.1f}" if base else "-"
         cpu_speedup = f"{r['images_per_cpu_second'] / base_cpu:.1f}" if base_cpu else "-"
+        gpu = r.get("gpu_memory_mb")
         table.add_row(r["kind"], r["device"], f"{r['images_per_second']:.1f}", speedup,
                       f"{r['cpu_percent']:.0f}", f"{r['images_per_cpu_second']:.1f}",
-                      cpu_speedup, f"{r['peak_rss_mb']:.0f}", f"{r['peak_pss_mb']:.0f}",
-                      str(r["workers"]))
+                      cpu_speedup, f"{r['minor_faults_per_image']:.0f}",
+                      f"{r['peak_rss_mb']:.0f}", f"{r['peak_pss_mb']:.0f}",
+                      "-" if gpu is None else f"{gpu:.0f}", str(r["workers"]))
     Console(width=max(Console().width, 110)).print(table)
     print("img/CPU-s: images per second of CPU time of the loader's process tree; on a shared "
-          "machine it is the steadier comparison.")
+          "machine it is the steadier comparison. host: the host side alone, batches as they "
+          "are handed to the GPU (loaders/host_side.py).")
 
 
 def parse(argv=None):
@@ -247,6 +305,8 @@ def parse(argv=None):
     parser.add_argument("--kinds", default="png,torch,dali")
     parser.add_argument("--seconds", type=float, default=20.0, help="measured time per kind")
     parser.add_argument("--warmup", type=float, default=5.0, help="warm-up seconds (>= 3 batches)")
+    parser.add_argument("--devices", default="cpu,host,cuda",
+                        help="cpu, host (host side alone), cuda (where available)")
     parser.add_argument("--workers", type=int, default=None,
                         help="loader workers (default: each kind's own default)")
     parser.add_argument("--json", type=Path, help="write the rows here")
@@ -264,7 +324,7 @@ def main(argv=None) -> None:
         kinds = parse_kinds(args.kinds)
         import torch
 
-        runs = plan(kinds, torch.cuda.is_available())
+        runs = plan(kinds, parse_devices(args.devices, torch.cuda.is_available()))
         ensure_data(args)
         rows = []
         for kind, device in runs:

@@ -1,0 +1,427 @@
+"""One-shot check of the GPU path on a CUDA machine: one JSON and a short table, offline.
+
+    python scripts/gpu_check.py [--json bench/gpu_check.json] [--budget 480] [--dry-run]
+
+Parts, each in its own subprocess with its own time limit (a failure or a timeout is
+recorded and the next part runs; the whole stays within --budget seconds):
+
+  versions      device, driver, CUDA, torch, DALI and library versions (what is missing)
+  data          a small synthetic tree and its cache (`dataprep synth`, `dataprep build`)
+  tests         the `gpu`-marked and the `dali` (CPU-mode DALI) tests, with CUDA initialised
+                first in the pytest process (CITYSCAPES_TEST_INIT_CUDA=1, tests/conftest.py)
+  syncs         host-device synchronisations per training step, each loader kind
+                (torch.cuda.set_sync_debug_mode("warn") over 20 steps of a small model)
+  compare       DALI on the GPU against DALI on the CPU, same samples: images within 2 grey
+                levels, masks >= 99.9% equal
+  held          a batch held by the caller stays intact while the loader advances 4 batches
+  bench_loader  scripts/bench_loader.py host and cuda rows, torch and dali, 640^2, batch 8
+                (images/s, CPU %, GPU memory the loader added)
+  bench_train   scripts/bench_train.py, DeepLabV3+ resnet50 (no weights), 640^2, batch 8,
+                bf16: each loader's cost against replaying one batch (target < 5%)
+
+Without a CUDA device it runs `versions` only, says "no CUDA device" and exits with
+status 2. Nothing is downloaded: the model has no pretrained weights, the data is synthetic.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+NO_CUDA_STATUS = 2
+RESULT = "RESULT "
+# (part, seconds it may take at most); the sum is the default --budget.
+PARTS = (("versions", 30), ("data", 60), ("tests", 110), ("syncs", 60), ("compare", 30),
+         ("held", 30), ("bench_loader", 70), ("bench_train", 90))
+LIBRARIES = ("torch", "torchvision", "nvidia-dali-cuda130", "nvidia-dali-cuda120", "zarr",
+             "numcodecs", "numpy", "segmentation-models-pytorch", "timm", "cityscapesscripts",
+             "click", "rich", "pyyaml", "pytest")
+RES, BATCH = 640, 8
+SYNC_STEPS = 20
+
+
+# -- the parts (each runs in a child: `gpu_check.py --part NAME`) ------------------------------
+def part_versions(args) -> dict:
+    from importlib import metadata
+
+    found = {}
+    for name in LIBRARIES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    out = {"python": sys.version.split()[0], "libraries": found,
+           "missing": [n for n, v in found.items() if v is None
+                       and not n.startswith("nvidia-dali")]}
+    if not (found["nvidia-dali-cuda130"] or found["nvidia-dali-cuda120"]):
+        out["missing"].append("nvidia-dali-cuda130 (or -cuda120)")
+    out.update(nvidia_smi())
+    try:
+        import torch
+    except ImportError:
+        return {**out, "cuda_available": False}
+    out.update(torch=torch.__version__, torch_cuda=torch.version.cuda,
+               cudnn=torch.backends.cudnn.version(), cuda_available=torch.cuda.is_available())
+    if out["cuda_available"]:
+        props = torch.cuda.get_device_properties(0)
+        out.update(device_count=torch.cuda.device_count(), device=props.name,
+                   capability=f"{props.major}.{props.minor}",
+                   memory_gib=round(props.total_memory / 2**30, 1),
+                   bf16=torch.cuda.is_bf16_supported())
+    return out
+
+
+def nvidia_smi() -> dict:
+    """Driver version and CUDA version the driver supports, from nvidia-smi (if present)."""
+    try:
+        done = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version",
+                               "--format=csv,noheader"], capture_output=True, text=True,
+                              timeout=20)
+        header = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return {"nvidia_smi": f"not run: {exc}"}
+    first = (done.stdout.strip().splitlines() or [""])[0]
+    name, _, driver = first.rpartition(", ")
+    cuda = None
+    for word_line in header.stdout.splitlines():
+        if "CUDA Version" in word_line:
+            cuda = word_line.split("CUDA Version:")[1].split()[0]
+    return {"gpu_name": name or None, "driver": driver or None, "driver_cuda": cuda}
+
+
+def part_data(args) -> dict:
+    work = Path(args.work)
+    raw, cache = work / "raw", work / "cache"
+    if not (raw / "leftImg8bit").is_dir():
+        dataprep("synth", "--out", str(raw), "--frames", "24")
+    if not (cache / "zarr.json").is_file():
+        dataprep("build", "--root", str(raw), "--out", str(cache), "--splits", "train")
+    return {"raw": str(raw), "cache": str(cache)}
+
+
+def dataprep(*argv: str) -> None:
+    command = [sys.executable, "-c", "from dataprep.cli import main; main()", *argv]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"dataprep {argv[0]} failed: {tail}")
+
+
+def part_tests(args, seconds: float) -> dict:
+    report = Path(args.work) / "tests.xml"
+    env = dict(os.environ, CITYSCAPES_TEST_INIT_CUDA="1")
+    command = [sys.executable, "-m", "pytest", "-q", "-m", "gpu or dali", "-p", "no:cacheprovider",
+               f"--junitxml={report}", "tests"]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=max(10, seconds - 5))
+    counts = junit_counts(report)
+    return {**counts, "exit_status": done.returncode,
+            "summary": (done.stdout.strip().splitlines() or [""])[-1]}
+
+
+def junit_counts(report: Path) -> dict:
+    """passed/failed/skipped counts and the failing test ids from a JUnit XML report."""
+    import xml.etree.ElementTree as ET
+
+    failed, skipped, total = [], 0, 0
+    for case in ET.parse(report).iter("testcase"):
+        total += 1
+        if case.find("failure") is not None or case.find("error") is not None:
+            failed.append(f"{case.get('classname')}::{case.get('name')}")
+        elif case.find("skipped") is not None:
+            skipped += 1
+    return {"passed": total - len(failed) - skipped, "failed": len(failed), "skipped": skipped,
+            "failures": failed[:20]}
+
+
+def small_training(cache: str, kind: str, *, res: int = 256, arch="unet", encoder="resnet18"):
+    """(TimedTraining, loader) of the product's own training step on `kind` batches."""
+    from cache.reader import CacheReader
+    from training.bench import TimedTraining
+    from training.builders import build_split_loader
+    from training.config import resolve_config
+    from training.device import single_process
+
+    config = resolve_config({"cache": cache, "res": str(res), "batch_size": BATCH,
+                             "arch": arch, "encoder": encoder, "encoder_weights": "none",
+                             "device": "cuda", "amp": "bf16", "out": "unused"})
+    env = single_process(config.device)
+    loader = build_split_loader(config, env, train=True, kind=kind)
+    return TimedTraining(config, loader, CacheReader(cache), env), loader
+
+
+def part_syncs(args) -> dict:
+    """Synchronisations per training step (loader + forward + backward + step), per kind."""
+    import warnings
+
+    import torch
+
+    from training.engine import train_step
+
+    out = {}
+    for kind in ("torch", "dali"):
+        try:
+            timed, _ = small_training(args.cache, kind)
+            timed.images_per_s(3)  # warm-up: lazy inits may sync once
+            torch.cuda.synchronize()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    for _ in range(SYNC_STEPS):
+                        train_step(timed.parts, timed.batches, 1)
+                finally:
+                    torch.cuda.set_sync_debug_mode(0)
+            syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+            where = sorted({f"{Path(w.filename).name}:{w.lineno}" for w in syncs})
+            out[kind] = {"syncs_per_step": len(syncs) / SYNC_STEPS, "where": where[:10]}
+        except Exception as exc:  # the other kind still runs
+            out[kind] = {"error": f"{type(exc).__name__}: {exc}"}
+    return out
+
+
+def part_compare(args) -> dict:
+    """The DALI graph on the GPU and on the CPU, same seed and samples."""
+    import torch
+
+    from loaders import AugmentConfig, build_loader
+    from loaders.contract import STD
+
+    aug = AugmentConfig.square(RES)
+    batches = {}
+    for device in ("cuda", "cpu"):
+        loader = build_loader(args.cache, "train", "dali", train=True, batch_size=BATCH,
+                              aug=aug, device=device, seed=11, num_workers=2)
+        batches[device] = [(b.image.float().cpu(), b.mask.cpu(), b.rows.cpu())
+                           for _, b in zip(range(2), loader)]
+        del loader
+    std = torch.tensor(STD).view(1, 3, 1, 1)
+    worst, equal, total = 0.0, 0, 0
+    for (gi, gm, gr), (ci, cm, cr) in zip(batches["cuda"], batches["cpu"]):
+        if not torch.equal(gr, cr):
+            raise RuntimeError("the GPU and CPU pipelines drew different rows")
+        worst = max(worst, float(((gi - ci).abs() * std).max()))
+        equal += int((gm == cm).sum())
+        total += gm.numel()
+    share = equal / total
+    return {"image_max_grey_levels": worst, "mask_equal_share": share,
+            "ok": worst <= 2.0 and share >= 0.999}
+
+
+def part_held(args) -> dict:
+    """A batch the training loop still holds must not change while the loader runs on."""
+    from loaders import AugmentConfig, build_loader
+    from loaders.contract import endless
+
+    out = {}
+    for kind in ("torch", "dali"):
+        try:
+            loader = build_loader(args.cache, "train", kind, train=True, batch_size=BATCH,
+                                  aug=AugmentConfig.square(RES), device="cuda", seed=3,
+                                  num_workers=2)
+            stream = endless(loader)
+            held = next(stream)
+            copy = (held.image.clone(), held.mask.clone())
+            for _ in range(4):
+                next(stream)
+            import torch
+
+            torch.cuda.synchronize()
+            intact = torch.equal(held.image, copy[0]) and torch.equal(held.mask, copy[1])
+            out[kind] = {"intact": intact}
+        except Exception as exc:
+            out[kind] = {"error": f"{type(exc).__name__}: {exc}"}
+    return out
+
+
+def part_bench_loader(args, seconds: float) -> dict:
+    out = Path(args.work) / "bench_loader.json"
+    command = [sys.executable, str(ROOT / "scripts" / "bench_loader.py"), "--root", args.raw,
+               "--cache", args.cache, "--kinds", "torch,dali", "--devices", "host,cuda",
+               "--res", str(RES), "--batch-size", str(BATCH), "--seconds", "6",
+               "--warmup", "2", "--json", str(out)]
+    run_script(command, seconds)
+    return {"rows": json.loads(out.read_text())}
+
+
+def part_bench_train(args, seconds: float) -> dict:
+    out = Path(args.work) / "bench_train.json"
+    command = [sys.executable, str(ROOT / "scripts" / "bench_train.py"), "--cache", args.cache,
+               "--res", str(RES), "--batch-size", str(BATCH), "--arch", "deeplabv3plus",
+               "--encoder", "resnet50", "--amp", "bf16", "--loaders", "replay,torch,dali",
+               "--iters", "25", "--warmup", "5", "--json", str(out)]
+    run_script(command, seconds)
+    report = json.loads(out.read_text())
+    costs = {k: r["loader_cost"] for k, r in report["results"].items()}
+    return {"loader_cost": costs, "report": report,
+            "ok": all(c is not None and c < 0.05 for k, c in costs.items() if k != "replay")}
+
+
+def run_script(command: list[str], seconds: float) -> None:
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
+                          timeout=max(10, seconds - 5))
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"{Path(command[1]).name} exited {done.returncode}: {tail}")
+
+
+PART_FUNCTIONS = {"versions": part_versions, "data": part_data, "tests": part_tests,
+                  "syncs": part_syncs, "compare": part_compare, "held": part_held,
+                  "bench_loader": part_bench_loader, "bench_train": part_bench_train}
+TAKES_SECONDS = {"tests", "bench_loader", "bench_train"}
+
+
+def run_part_here(args) -> None:
+    """Child side: run one part, print its result as one RESULT line."""
+    function = PART_FUNCTIONS[args.part]
+    result = function(args, args.seconds) if args.part in TAKES_SECONDS else function(args)
+    print(RESULT + json.dumps(result), flush=True)
+
+
+# -- the parent: schedule, record, report ---------------------------------------------------
+def run_part(args, name: str, seconds: float) -> dict:
+    """Run one part in a child with a time limit; never raises."""
+    command = [sys.executable, __file__, "--part", name, "--work", str(args.work),
+               "--seconds", str(int(seconds))]
+    if args.data:
+        command += ["--raw", args.data["raw"], "--cache", args.data["cache"]]
+    started = time.perf_counter()
+    try:
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=seconds)
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "seconds": seconds, "error": f"timed out after {seconds:.0f} s"}
+    elapsed = round(time.perf_counter() - started, 1)
+    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT)]
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"ok": False, "seconds": elapsed, "error": tail}
+    result = json.loads(lines[-1][len(RESULT):])
+    return {"ok": bool(result.get("ok", True)), "seconds": elapsed, "result": result}
+
+
+def schedule(budget: float) -> list[tuple[str, float]]:
+    """(part, seconds) within the budget: parts keep their share, scaled down if needed."""
+    wanted = sum(seconds for _, seconds in PARTS)
+    scale = min(1.0, budget / wanted)
+    return [(name, seconds * scale) for name, seconds in PARTS]
+
+
+def check(args) -> int:
+    report = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "budget_s": args.budget, "parts": {}}
+    deadline = time.perf_counter() + args.budget
+    args.data = None
+    for name, seconds in schedule(args.budget):
+        seconds = min(seconds, deadline - time.perf_counter())
+        if seconds < 5:
+            report["parts"][name] = {"ok": False, "seconds": 0, "error": "no time left"}
+            continue
+        print(f"{name} (up to {seconds:.0f} s) ...", file=sys.stderr, flush=True)
+        report["parts"][name] = outcome = run_part(args, name, seconds)
+        if name == "versions" and not outcome.get("result", {}).get("cuda_available"):
+            report["no_cuda"] = True
+            break
+        if name == "data":
+            args.data = outcome.get("result")
+    write(args, report)
+    show(report)
+    if report.get("no_cuda"):
+        print("error: no CUDA device: only the version probe ran "
+              f"(see {args.json}); run this on a machine with a GPU", file=sys.stderr)
+        return NO_CUDA_STATUS
+    return 0
+
+
+def write(args, report: dict) -> None:
+    path = Path(args.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def headline(name: str, outcome: dict) -> str:
+    """A few words per part for the table."""
+    if "error" in outcome:
+        return outcome["error"][:100]
+    r = outcome["result"]
+    if name == "versions":
+        return (f"{r.get('device', 'no GPU')}, driver {r.get('driver')} (CUDA "
+                f"{r.get('driver_cuda')}), torch {r.get('torch')} (CUDA {r.get('torch_cuda')}), "
+                f"DALI {r['libraries'].get('nvidia-dali-cuda130') or r['libraries'].get('nvidia-dali-cuda120')}"
+                + (f"; missing: {', '.join(r['missing'])}" if r["missing"] else ""))
+    if name == "tests":
+        return f"{r['passed']} passed, {r['failed']} failed, {r['skipped']} skipped"
+    if name in ("syncs", "held"):
+        key = "syncs_per_step" if name == "syncs" else "intact"
+        return ", ".join(f"{k}: {v.get(key, v.get('error'))}" for k, v in r.items())
+    if name == "compare":
+        return (f"images max {r['image_max_grey_levels']:.2f} grey levels, masks "
+                f"{100 * r['mask_equal_share']:.3f}% equal")
+    if name == "bench_loader":
+        return "; ".join(f"{row['kind']}/{row['device']} {row['images_per_second'] or 0:.0f} img/s"
+                         f" {row.get('cpu_percent') or 0:.0f}% CPU"
+                         + (f" {row['gpu_memory_mb']:.0f} MB GPU" if row.get("gpu_memory_mb")
+                            is not None else "") for row in r["rows"])
+    if name == "bench_train":
+        return ", ".join(f"{k} {100 * v:.1f}%" for k, v in r["loader_cost"].items()
+                         if v is not None and k != "replay")
+    return "done"
+
+
+def show(report: dict) -> None:
+    rows = [(name, "yes" if o["ok"] else "NO", f"{o['seconds']:.0f}", headline(name, o))
+            for name, o in report["parts"].items()]
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:  # the check must report even where rich is missing
+        for row in rows:
+            print("  ".join(row))
+        return
+    table = Table(title="GPU check")
+    for column in ("part", "ok", "s", "result"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row)
+    Console(width=max(Console().width, 120)).print(table)
+
+
+def parse(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", default="bench/gpu_check.json", help="write the report here")
+    parser.add_argument("--work", default="bench/gpu_check", help="data and part outputs")
+    parser.add_argument("--budget", type=float, default=sum(s for _, s in PARTS),
+                        help="seconds for the whole check")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan and stop")
+    parser.add_argument("--part", choices=sorted(PART_FUNCTIONS), help=argparse.SUPPRESS)
+    parser.add_argument("--seconds", type=float, default=60, help=argparse.SUPPRESS)
+    parser.add_argument("--raw", help=argparse.SUPPRESS)
+    parser.add_argument("--cache", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse(argv)
+    if args.part:
+        run_part_here(args)
+        return
+    if args.budget < 30:
+        print(f"error: --budget {args.budget:g}: give the check at least 30 seconds",
+              file=sys.stderr)
+        sys.exit(1)
+    if args.dry_run:
+        for name, seconds in schedule(args.budget):
+            print(f"{name:13s} up to {seconds:4.0f} s")
+        print(f"report: {args.json} (work files under {args.work})")
+        return
+    sys.exit(check(args))
+
+
+if __name__ == "__main__":
+    main()
