@@ -78,3 +78,59 @@ def test_without_the_package_the_option_fails_with_the_way_out(tmp_path, monkeyp
                                         r"install it with `pip install tensorboard`"):
         TensorBoardSink(tmp_path)
     assert not (tmp_path / TB_DIR).exists()
+
+
+def train_cli(cache, out, *extra):
+    from click.testing import CliRunner
+
+    from training import cli
+
+    args = ["train", "--cache", cache, "--out", out, "--loader", "torch", "--arch", "unet",
+            "--encoder", "resnet18", "--model-arg", "encoder_depth=3",
+            "--model-arg", "decoder_channels=[8,8,8]", "--encoder-weights", "none",
+            "--res", 64, "--batch-size", 2, "--workers", 0, "--no-plots", "--log-every", 1,
+            "--eval-every", 2, "--class-weights", "none", "--tensorboard", *extra]
+    result = CliRunner().invoke(cli.main, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_a_training_run_writes_its_metrics_as_scalars(tmp_path):
+    import torch
+
+    from tests.cachefab import blocky_cache
+    from training.plots import read_metrics
+
+    torch.set_num_threads(1)
+    cache = blocky_cache(tmp_path / "c", n_train=4, n_val=1, height=64, width=128)
+    out = tmp_path / "run"
+    train_cli(cache, out, "--iters", 2)
+    train_cli(cache, out, "--iters", 4, "--resume")     # a resumed run adds to the same file
+    scalars = scalars_in(out / TB_DIR)
+    records = read_metrics(out / "metrics.jsonl")
+    train = [r for r in records if r["event"] == "train"]
+    evals = [r for r in records if r["event"] == "eval"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4] and [r["step"] for r in evals] == [2, 4]
+    for key in ("loss", "lr", "images_per_s", "data_time", "step_time"):
+        assert scalars[f"train/{key}"] == [(r["step"], pytest.approx(r[key], rel=1e-6))
+                                           for r in train], key
+    assert scalars["val/miou"] == [(r["step"], pytest.approx(r["miou"], rel=1e-6)) for r in evals]
+    assert scalars["val/loss"] == [(r["step"], pytest.approx(r["val_loss"], rel=1e-6))
+                                   for r in evals]
+    scored = [name for name, iou in evals[-1]["class_iou"].items() if iou is not None]
+    assert scored and all(f"val_class_iou/{name}" in scalars for name in scored)
+
+
+def test_without_the_package_train_stops_before_it_starts(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from tests.cachefab import blocky_cache
+    from training import cli
+
+    cache = blocky_cache(tmp_path / "c", n_train=2, n_val=1, height=64, width=64)
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    result = CliRunner().invoke(cli.main, ["train", "--cache", str(cache), "--out",
+                                           str(tmp_path / "run"), "--tensorboard"])
+    assert result.exit_code == 1
+    assert result.output.startswith("error: --tensorboard: needs the tensorboard package")
+    assert not (tmp_path / "run").exists()

@@ -198,6 +198,7 @@ class Trainer:
         self.saved_step = self.evaluated_step = -1
         self.window = LogWindow(env.device)
         self.timing = TimingTotals()
+        self.tensorboard = None        # a TensorBoardSink while run() runs, with --tensorboard
         if checkpoint is not None:
             self._restore(*checkpoint)
         if env.is_main:
@@ -335,6 +336,10 @@ class Trainer:
             return self._result()
         self._banner()
         self.progress = TrainProgress(self.console, self.total_steps, self.step)
+        if self.env.is_main and self.config.tensorboard:
+            from training.tensorboard import TensorBoardSink
+
+            self.tensorboard = TensorBoardSink(self.run_dir, start_step=self.step)
         try:
             while self.step < self.total_steps:
                 self._train_epoch()
@@ -344,6 +349,8 @@ class Trainer:
                 self._save_last()
         finally:
             self.progress.stop()
+            if self.tensorboard is not None:
+                self.tensorboard.close()
         if self.env.is_main and self.config.plots:
             self._write_plots()
         self._summary()
@@ -469,7 +476,10 @@ class Trainer:
     def _append(self, record: dict) -> None:
         from training.plots import append_metrics
 
-        append_metrics(self.run_dir / METRICS, {**record, "time": time.time()})
+        record = {**record, "time": time.time()}
+        append_metrics(self.run_dir / METRICS, record)
+        if self.tensorboard is not None:      # metrics.jsonl stays the record
+            self.tensorboard(record)
 
     def _write_plots(self) -> None:
         from training.plots import read_metrics, write_plots
