@@ -8,6 +8,9 @@ iterating the same training epoch twice) rebuilds the pipeline at the requested 
 """
 from __future__ import annotations
 
+import signal
+import threading
+from contextlib import contextmanager
 from typing import Iterator
 
 import torch
@@ -141,6 +144,9 @@ class DaliLoader:
                                     py_start_method=self.py_start_method,
                                     channels_last=self.channels_last)
         names = ["image", "mask", "row"] if self.info.has_masks else ["image", "row"]
+        if self.num_workers > 0:
+            with sigint_ignored():  # Ctrl-C is the main process's business: no worker tracebacks
+                self._pipe.start_py_workers()
         # size=-1: the stream is endless; __iter__ cuts it into epochs of len() batches.
         self._dali_iter = DALIGenericIterator([self._pipe], names, size=-1, auto_reset=False,
                                               prepare_first_batch=False)
@@ -173,6 +179,21 @@ class DaliLoader:
             image = image.to(self.device)
             mask = None if mask is None else mask.to(self.device)
         return Batch(image=image, mask=mask, rows=rows.cpu())
+
+
+@contextmanager
+def sigint_ignored():
+    """Ignore SIGINT while worker processes start: forked ones inherit the disposition and
+    spawned ones keep it (Python installs its KeyboardInterrupt handler only where SIGINT is
+    not ignored), so a Ctrl-C reaches the main process alone, which stops the pipeline."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def source_start_method(device_id: int | None) -> str:

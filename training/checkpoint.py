@@ -15,6 +15,9 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import signal
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -31,16 +34,43 @@ ZIP_MAGIC = b"PK\x03\x04"
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict) -> Path:
-    """Write `payload` (plus format and version) to `path` atomically."""
+    """Write `payload` (plus format and version) to `path` atomically. Ctrl-C and SIGTERM are
+    held back while it writes (and delivered right after): an interrupt inside torch.save
+    would surface as a torn-zip RuntimeError instead of a clean stop."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **payload}, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    with signals_deferred():
+        with open(tmp, "wb") as handle:
+            torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **payload},
+                       handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
     return path
+
+
+@contextmanager
+def signals_deferred():
+    """Hold SIGINT, SIGTERM and SIGUSR1 back for the duration and deliver them to their own
+    handlers right after. (Blocking them with a signal mask is not enough: a process-directed
+    signal goes to any thread that does not block it, and Python then raises in the main
+    thread anyway.) Main thread only; elsewhere a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    names = ("SIGINT", "SIGTERM", "SIGUSR1")
+    held = [getattr(signal, name) for name in names if hasattr(signal, name)]
+    previous = {signum: signal.signal(signum, lambda signum, frame: pending.append(signum))
+                for signum in held}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in pending:
+            signal.raise_signal(signum)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
