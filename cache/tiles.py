@@ -226,8 +226,9 @@ class TileWriter(_Layout):
                                                            zip(self.shape[1:3], self.tile_shape[1:3])):
             raise Unsupported("more than one shard per row")
 
-    def write_row(self, row: int, values: np.ndarray) -> dict[str, bytes]:
-        """Write one row (shape[1:]); returns {file path: bytes written}."""
+    def write_row(self, row: int, values: np.ndarray) -> dict[str, tuple[int, int]]:
+        """Write one row (shape[1:]); returns {file path: (size, crc32c) of what was written},
+        what a read-back check compares the files with (`file_digest`)."""
         values = np.asarray(values)
         if values.shape != self.shape[1:] or values.dtype != np.uint8:
             raise ValueError(f"row of {values.dtype} {values.shape}, expected uint8 {self.shape[1:]}")
@@ -237,12 +238,10 @@ class TileWriter(_Layout):
         tiles = [((ty, tx), self._encode(self._tile_bytes(values, ty, tx)))
                  for ty in range(grid[0]) for tx in range(grid[1])]
         if not self.sharded:
-            files = {self._file((row, ty, tx) + extra): data for (ty, tx), data in tiles}
+            files = {self._file((row, ty, tx) + extra): [data] for (ty, tx), data in tiles}
         else:
             files = {self._file((row, 0, 0) + extra): self._shard(tiles)}
-        for path, data in files.items():
-            _write_atomically(path, data)
-        return files
+        return {path: _write_atomically(path, parts) for path, parts in files.items()}
 
     def _tile_bytes(self, values: np.ndarray, ty: int, tx: int) -> np.ndarray:
         """The tile's pixels in C order; an edge tile is padded with the fill value, as zarr does."""
@@ -254,8 +253,9 @@ class TileWriter(_Layout):
         tile[:part.shape[0], :part.shape[1]] = part
         return tile
 
-    def _shard(self, tiles: list) -> bytes:
-        """Tiles back to back, then the index: (offset, nbytes) per tile in C order, crc32c."""
+    def _shard(self, tiles: list) -> list:
+        """The shard file's parts: tiles back to back, then the index ((offset, nbytes) per tile
+        in C order) and its crc32c."""
         import google_crc32c
 
         index = np.empty((len(tiles), 2), dtype="<u8")
@@ -266,16 +266,38 @@ class TileWriter(_Layout):
         index_bytes = index.tobytes()
         if self._index_crc:
             index_bytes += int(google_crc32c.value(index_bytes)).to_bytes(4, "little")
-        return b"".join([*(memoryview(data).cast("B") for _, data in tiles), index_bytes])
+        return [data for _, data in tiles] + [index_bytes]
 
 
-def _write_atomically(path: str, data: bytes) -> None:
+def _write_atomically(path: str, parts: list) -> tuple[int, int]:
+    """Write the parts (one writev: no joined copy) to a temporary file, rename it to `path`;
+    returns the file's (size, crc32c)."""
+    import google_crc32c
+
     tmp = f"{path}.{os.getpid()}.partial"
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     except FileNotFoundError:  # the row's first file: its folders do not exist yet
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(tmp, "wb") as f:
-            f.write(data)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        size = sum(len(memoryview(part).cast("B")) for part in parts)
+        done = os.writev(fd, parts)
+        while done < size:  # a short write (rare: signals, huge files): write the rest
+            done += os.write(fd, b"".join(bytes(memoryview(p).cast("B")) for p in parts)[done:])
+    finally:
+        os.close(fd)
     os.replace(tmp, path)
+    crc = 0
+    for part in parts:
+        crc = google_crc32c.extend(crc, part)
+    return size, crc
+
+
+def file_digest(path: str) -> tuple[int, int]:
+    """(size, crc32c) of a file as it is on disk now."""
+    import google_crc32c
+
+    with open(path, "rb") as f:
+        data = f.read()
+    return len(data), google_crc32c.value(data)

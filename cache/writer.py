@@ -6,7 +6,8 @@ and marks a split complete; `RowWriter` (a worker process) writes one frame's ti
 them back.
 
 Crash safety. A row is trusted only through its done flag, and the flag is set only after the
-row's files were written and read back byte for byte, and after its checksums were stored.
+row's files were written and read back (size and crc32c of every file compared with what was
+written), and after its checksums were stored.
 Every file (ours through cache.tiles.TileWriter, zarr's through LocalStore) is written to a
 temporary name and renamed, so a SIGKILL leaves either the old or the new file plus, at worst,
 a `*.partial` leftover (which `prepare_split` removes). We do not depend on that: the done and
@@ -48,7 +49,7 @@ from cache.format import (
     open_group,
     split_group_names,
 )
-from cache.tiles import TileWriter, Unsupported, open_windows
+from cache.tiles import TileWriter, Unsupported, file_digest, open_windows
 
 # Chosen by scripts/bench_tiles.py and scripts/bench_build.py (evidence in the README's
 # benchmark section; 2048x1024 photo frames whose PNGs weigh what Cityscapes' do). Read through
@@ -457,7 +458,7 @@ class RowWriter:
         return checksums
 
     def write(self, row: int, image: np.ndarray, mask: np.ndarray | None) -> dict:
-        """The row's tiles: {array name: {file path: bytes written}} for `check`.
+        """The row's tiles: {array name: {file path: (size, crc32c) written}} for `check`.
 
         Our own TileWriter encodes and writes the shard (or tile) files of the layouts the
         writer makes, ~3x cheaper than zarr's write path; any other layout goes through zarr
@@ -476,13 +477,14 @@ class RowWriter:
         return written
 
     def check(self, row: int, written: dict) -> None:
-        """CacheError unless the row's files hold exactly what `write` wrote: the bytes of each
-        file are read back and compared (a storage fault, or another writer, shows here)."""
+        """CacheError unless the row's files hold exactly what `write` wrote: each file is read
+        back whole and its size and crc32c compared with those of the bytes written (a storage
+        fault, or another writer, shows here; no decode needed)."""
         arrays = self._open()
         for name, expected in written.items():
             try:
                 if isinstance(expected, dict):
-                    same = all(_read_file(path) == data for path, data in expected.items())
+                    same = all(file_digest(path) == digest for path, digest in expected.items())
                 else:
                     same = _same_bytes(arrays.read_back(name, row), expected)
             except FileNotFoundError:
@@ -528,11 +530,6 @@ class _RowArrays:
 
     def read_back(self, name: str, row: int) -> np.ndarray:
         return self.tiles[name].read_row(row)
-
-
-def _read_file(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
 
 
 def _same_bytes(got: np.ndarray, want: np.ndarray) -> bool:

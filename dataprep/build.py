@@ -37,6 +37,7 @@ import threading
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +53,7 @@ EXIT_SKIPPED = 3
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 _PROBE_IN_PARENT_BELOW = 32  # frames; fewer are checked without starting the worker pool
+_IN_FLIGHT_PER_WORKER = 4    # frame tasks queued per worker: enough to keep it busy
 DEFAULT_SCALE_SPLITS = ("train", COARSE_SPLIT)
 MIN_STORED_SIDE = 16  # pixels: the smallest frame side --scale may make
 
@@ -226,8 +228,8 @@ def _write_rows(writer, pool, plan, todo, by_name, options, events) -> tuple[int
     """Write the rows in `todo` in the workers; returns (rows written, bad frames: name -> problem)."""
     row_writer = RowWriter(options.out, plan.name)
     source = plan.source_size or (plan.height, plan.width)
-    tasks = [(row_writer, row, by_name[plan.frames[row]], source, (plan.height, plan.width))
-             for row in todo]
+    tasks = ((row_writer, row, by_name[plan.frames[row]], source, (plan.height, plan.width))
+             for row in todo)
     written, failed = 0, {}
     try:
         for row, checksums, problem in pool.imap_unordered(build_row, tasks, stop=lambda: bool(failed)
@@ -467,10 +469,10 @@ class _WorkerPool:
                 if stop():
                     return
             return
-        if not items:
-            return
         pool = self._pool()
-        pending = {pool.submit(func, item) for item in items}
+        todo = iter(items)
+        # a bounded window of tasks in flight: the parent's memory stays flat in the frames
+        pending = {pool.submit(func, item) for item in islice(todo, _IN_FLIGHT_PER_WORKER * self.workers)}
         try:
             while pending:
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)
@@ -480,6 +482,8 @@ class _WorkerPool:
                 if stop():
                     for future in pending:
                         future.cancel()
+                    continue
+                pending |= {pool.submit(func, item) for item in islice(todo, len(finished))}
         finally:
             for future in pending:
                 future.cancel()

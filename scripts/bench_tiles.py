@@ -1,8 +1,8 @@
 """Pick the cache's tile size, codecs and sharding by measurement.
 
 For every storage option (tile, shard, image codec, mask codec) this writes the same frames
-through the build's own writer (cache.writer.RowWriter: zarr writes, then the read-back check
-through cache.tiles), then measures:
+through the build's own writer (cache.writer.RowWriter: cache.tiles.TileWriter's shard or tile
+files, then the byte-for-byte read-back check), then measures:
   - the build's storage cost per frame (write, check), next to the PNG decode of the same
     frame, the floor a build cannot beat;
   - random training windows, drawn by loaders.sampling.draw_train_sample with the default
@@ -118,9 +118,9 @@ def write_cache(path: Path, storage: Storage, images, masks, timers: dict) -> No
     rows = RowWriter(path, "train")
     for row, (image, mask) in enumerate(zip(images, masks)):
         with timers["write"]:
-            rows.write(row, image, mask)
+            written = rows.write(row, image, mask)
         with timers["check"]:
-            rows.check(row, image, mask)
+            rows.check(row, written)
         writer.record_row("train", row, (0, 0))
     writer.finish_split("train")
 
