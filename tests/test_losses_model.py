@@ -176,6 +176,7 @@ def hub_at_a_closed_port(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    without_proxies(monkeypatch)      # the probe must meet the closed port, not a proxy
 
     sleeps = []
 
@@ -247,12 +248,34 @@ def test_hub_probe_gives_up_on_a_hanging_connect(monkeypatch):
     assert hub_unreachable_reason() == "HF_HUB_OFFLINE is set"
 
 
+def without_proxies(monkeypatch):
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+
+
+def test_behind_a_proxy_the_probe_connects_to_the_proxy(monkeypatch, hub_at_a_closed_port):
+    import socket
+
+    port, _ = hub_at_a_closed_port
+    without_proxies(monkeypatch)
+    assert hub_unreachable_reason().startswith(f"cannot reach 127.0.0.1:{port}")
+    with socket.socket() as proxy:
+        proxy.bind(("127.0.0.1", 0))
+        proxy.listen(1)
+        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy.getsockname()[1]}")
+        assert hub_unreachable_reason() is None          # the hub is reached through it
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        assert hub_unreachable_reason().startswith(f"cannot reach 127.0.0.1:{port}")
+
+
 def test_reachable_hub_is_not_probed_offline(monkeypatch):
     import socket
 
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    without_proxies(monkeypatch)
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen(1)

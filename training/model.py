@@ -67,15 +67,15 @@ def _download_error(encoder: str, weights: str, exc: BaseException, cause: str) 
 
 
 def hub_unreachable_reason(timeout: float = HUB_PROBE_TIMEOUT_S) -> str | None:
-    """None when the Hugging Face hub accepts a TCP connection within `timeout` seconds, else
-    why not ("HF_HUB_OFFLINE is set", "cannot reach huggingface.co:443 (...)"). The lookup and
-    connect run in a daemon thread, because a hanging DNS lookup ignores socket timeouts."""
+    """None when the Hugging Face hub (or the proxy in front of it) accepts a TCP connection
+    within `timeout` seconds, else why not ("HF_HUB_OFFLINE is set", "cannot reach
+    huggingface.co:443 (...)"). The lookup and connect run in a daemon thread, because a
+    hanging DNS lookup ignores socket timeouts."""
     from huggingface_hub import constants
 
     if constants.is_offline_mode():
         return "HF_HUB_OFFLINE is set"
-    url = urlsplit(constants.ENDPOINT)
-    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    host, port = _first_hop(constants.ENDPOINT)
     outcome: list[str | None] = []
 
     def connect() -> None:
@@ -92,6 +92,21 @@ def hub_unreachable_reason(timeout: float = HUB_PROBE_TIMEOUT_S) -> str | None:
         return None
     why = outcome[0] if outcome else f"no answer within {timeout:g} s"
     return f"cannot reach {host}:{port} ({why})"
+
+
+def _first_hop(endpoint: str) -> tuple[str, int]:
+    """(host, port) a request to `endpoint` connects to first: the proxy that the environment
+    names for it (HTTPS_PROXY, ALL_PROXY ... as huggingface_hub's HTTP client reads them),
+    else the endpoint itself."""
+    from urllib.request import getproxies, proxy_bypass
+
+    url = urlsplit(endpoint)
+    proxies = getproxies()
+    proxy = proxies.get(url.scheme) or proxies.get("all")
+    if proxy and not proxy_bypass(url.hostname or ""):
+        url = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    default_port = {"https": 443, "http": 80}.get(url.scheme, 1080)    # 1080: socks
+    return url.hostname or "", url.port or default_port
 
 
 @contextmanager
