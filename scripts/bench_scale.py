@@ -9,7 +9,7 @@ them val; `--root` takes an existing tree), in one run:
   synth   `dataprep synth` in a fresh process: wall, CPU, frames/s;
   build   `dataprep build` for every --storage option (default: the defaults; e.g. lz4, zstd-1,
           scale0.5), each in a fresh process: wall, CPU, frames/s, the peak RSS of the parent and
-          of the whole process tree (sampled from /proc every 0.25 s), cache bytes against the PNGs;
+          the peak PSS of the whole process tree (sampled from /proc every 0.25 s), cache bytes against the PNGs;
   epoch   one epoch of the train split per loader kind (640x640 crops, batch 8, the default
           augmentation), each in a fresh process, in three conditions:
             (a) page cache: the cache's files were just read (warm);
@@ -17,7 +17,7 @@ them val; `--root` takes an existing tree), in one run:
             (c) cold, under a memory limit smaller than the cache (a cgroup: v2 or v1's memory
                 controller; skipped with the reason where this OS or user cannot make one);
           images/s (whole epoch, loader start included, and from the first batch on), CPU
-          seconds per image, peak RSS, MB read from the disk per image (the process's own
+          seconds per image, peak PSS (shared pages once), MB read from the disk per image (the process's own
           /proc/self/io read_bytes once its workers were reaped), and the disk throughput that
           pace needs; what a SATA SSD (--ssd-mbps, 500 MB/s) would sustain for the cold cases.
 Conditions (a)-(c) run for the first --storage option; the others get (a) only (their CPU per
@@ -68,10 +68,22 @@ def rss_bytes(pid: int) -> int:
         return 0
 
 
-class PeakRss:
-    """Samples the RSS of a process and of its whole tree until stopped; keeps the peaks."""
+def pss_bytes(pid: int) -> int:
+    """Proportional set size: pages shared between forked workers counted once in a sum."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, IndexError, ValueError):
+        pass
+    return 0
 
-    def __init__(self, pid: int, every: float = 0.25):
+
+class PeakRss:
+    """Samples the RSS of a process and the PSS of its whole tree until stopped; keeps the peaks."""
+
+    def __init__(self, pid: int, every: float = 0.5):
         self.pid, self.every = pid, every
         self.parent = self.tree = 0
         self._stop = threading.Event()
@@ -81,13 +93,13 @@ class PeakRss:
     def _run(self):
         while not self._stop.is_set():
             self.parent = max(self.parent, rss_bytes(self.pid))
-            self.tree = max(self.tree, sum(rss_bytes(p) for p in process_tree(self.pid)))
+            self.tree = max(self.tree, sum(pss_bytes(p) for p in process_tree(self.pid)))
             self._stop.wait(self.every)
 
     def stop(self) -> dict:
         self._stop.set()
         self._thread.join()
-        return {"peak_rss_parent_mb": self.parent / 2**20, "peak_rss_tree_mb": self.tree / 2**20}
+        return {"peak_rss_parent_mb": self.parent / 2**20, "peak_pss_tree_mb": self.tree / 2**20}
 
 
 def children_cpu() -> float:
@@ -177,6 +189,15 @@ class MemoryLimit:
     def join(self) -> None:  # runs in the child, before exec
         (self.directory / "cgroup.procs").write_text(str(os.getpid()))
 
+    def peak_mb(self) -> float | None:
+        """The group's peak memory use (page cache included), to show the limit bound."""
+        for name in ("memory.peak", "memory.max_usage_in_bytes"):
+            try:
+                return int((self.directory / name).read_text()) / 2**20
+            except (OSError, ValueError):
+                continue
+        return None
+
     def remove(self) -> None:
         try:
             self.directory.rmdir()
@@ -219,12 +240,15 @@ def epoch(cache: Path, kind: str, args, limit: MemoryLimit | None = None) -> dic
         return {"error": run["error"], **{k: run[k] for k in ("wall_s", "returncode")}}
     out = json.loads(run["stdout"].strip().splitlines()[-1])
     mb_per_image = out["read_bytes"] / 2**20 / out["images"]
-    images_per_s = out["images"] / out["epoch_s"]
-    return {"images": out["images"], "images_per_s": images_per_s,
-            "steady_images_per_s": out["steady_images_per_s"], "process_wall_s": run["wall_s"],
-            "cpu_ms_per_image": 1e3 * run["cpu_s"] / out["images"], "peak_rss_tree_mb": run["peak_rss_tree_mb"],
-            "mb_read_per_image": mb_per_image, "disk_mb_per_s_needed": mb_per_image * images_per_s,
-            "ssd_images_per_s": (args.ssd_mbps / mb_per_image) if mb_per_image > 0.01 else None}
+    steady = out["steady_images_per_s"]
+    result = {"images": out["images"], "images_per_s": out["images"] / out["epoch_s"],
+              "steady_images_per_s": steady, "process_wall_s": run["wall_s"],
+              "cpu_ms_per_image": 1e3 * run["cpu_s"] / out["images"], "peak_pss_tree_mb": run["peak_pss_tree_mb"],
+              "mb_read_per_image": mb_per_image, "disk_mb_per_s_needed": mb_per_image * steady,
+              "ssd_images_per_s": (args.ssd_mbps / mb_per_image) if mb_per_image > 0.01 else None}
+    if limit is not None:
+        result["cgroup_peak_mb"] = limit.peak_mb()
+    return result
 
 
 # -- the benchmark ------------------------------------------------------------------------
@@ -270,8 +294,8 @@ def conditions(args, cache: Path, kinds: list[str]) -> dict:
         evict(cache)
         cold = epoch(cache, kind, args)
         row = {"page_cache": page, "cold": cold}
-        anon = page.get("peak_rss_tree_mb", 0) * 2**20
-        limit_bytes = int(anon * 1.2 + args.cache_fraction * cache_bytes)
+        anon = page.get("peak_pss_tree_mb", 0) * 2**20
+        limit_bytes = int(anon * 1.1 + args.cache_fraction * cache_bytes)
         limit, why = MemoryLimit.make(limit_bytes)
         if limit is None:
             row["memory_limited"] = {"skipped": why}
@@ -283,8 +307,8 @@ def conditions(args, cache: Path, kinds: list[str]) -> dict:
             finally:
                 limit.remove()
         out[kind] = row
-        print(f"  {kind}: " + "  ".join(f"{c} {r.get('images_per_s', 0):.1f} img/s" for c, r in row.items()
-                                        if "images_per_s" in r), flush=True)
+        print(f"  {kind}: " + "  ".join(f"{c} {r['steady_images_per_s']:.1f} img/s {r['mb_read_per_image']:.2f} "
+                                        "MB/img" for c, r in row.items() if "images_per_s" in r), flush=True)
     return out
 
 
@@ -302,13 +326,16 @@ def bench(args) -> dict:
         result["builds"][name] = build(args, Path(raw), cache, STORAGES[name])
         b = result["builds"][name]
         print(f"build {name}: {b['wall_s']:.1f} s, {b['frames_per_s']:.1f} frames/s, peak RSS parent "
-              f"{b['peak_rss_parent_mb']:.0f} MB tree {b['peak_rss_tree_mb']:.0f} MB, cache/PNG "
+              f"{b['peak_rss_parent_mb']:.0f} MB, PSS tree {b['peak_pss_tree_mb']:.0f} MB, cache/PNG "
               f"{b['cache_over_image_pngs']:.2f}", flush=True)
         if i == 0:
             result["epochs"][name] = conditions(args, cache, args.kinds)
         else:
             warm(cache / "train")
             result["epochs"][name] = {kind: {"page_cache": epoch(cache, kind, args)} for kind in args.kinds}
+            print(f"  page cache: " + "  ".join(f"{k} {r['page_cache'].get('steady_images_per_s', 0):.1f} img/s "
+                                               f"{r['page_cache'].get('cpu_ms_per_image', 0):.0f} ms CPU/img"
+                                               for k, r in result["epochs"][name].items()), flush=True)
         if not args.keep:
             shutil.rmtree(cache, ignore_errors=True)
     if not args.keep and args.root is None:
@@ -331,7 +358,7 @@ def parse(argv=None):
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--loader-workers", default="auto", help="loader workers (default: the loader's own)")
     parser.add_argument("--cache-fraction", type=float, default=0.25,
-                        help="(c): the memory limit is 1.2x the loader's RSS plus this share of the cache")
+                        help="(c): the memory limit is 1.1x the loader's PSS in (a) plus this share of the cache")
     parser.add_argument("--ssd-mbps", type=float, default=500.0, help="the SATA SSD of the estimate")
     parser.add_argument("--keep", action="store_true", help="keep the tree and caches under --work")
     parser.add_argument("--json", type=Path, required=True)
