@@ -79,16 +79,26 @@ def build_training_model(config: TrainConfig, meta: dict, env: DistEnv) -> nn.Mo
     return model
 
 
+# The weight methods of `dataprep stats`; `--class-weights enet` means the cache's stats.json.
+CACHE_WEIGHT_METHODS = ("enet", "median_frequency", "inverse_sqrt")
+
+
 def resolve_class_weights(spec: str | None, reader) -> str | None:
     """--class-weights auto: the ENet weights of the cache's stats.json (what `dataprep stats`
-    writes) if it is there, else none; anything else as given."""
-    if spec != "auto":
-        return spec
+    writes) if it is there, else none; a method name alone (enet, ...): that method of the
+    cache's stats.json, which must exist; anything else as given."""
     from pathlib import Path
 
     from cache.format import STATS_FILE
 
     stats = Path(reader.path) / STATS_FILE
+    if spec in CACHE_WEIGHT_METHODS:   # a method name alone: the cache's own stats.json
+        if not stats.is_file():
+            raise UserError(f"--class-weights {spec}: no {stats}; write it with "
+                            f"`dataprep stats --cache {reader.path}`")
+        return f"{stats}:{spec}"
+    if spec != "auto":
+        return spec
     return f"{stats}:enet" if stats.is_file() else None
 
 
@@ -140,13 +150,15 @@ def augment_config(config: TrainConfig):
 
 
 def build_split_loader(config: TrainConfig, env: DistEnv, *, train: bool, kind: str | None = None,
-                       rows=None):
+                       rows=None, fold=None):
     """The loader of the train split (train=True) or the val split, sharded for this rank;
     `kind` overrides --loader (the benchmark compares kinds); `rows` limits it to those rows."""
     from loaders.contract import build_loader
 
     split, batch_size = ((config.train_split, config.batch_size) if train else
                          (config.val_split, config.val_batch_size))
+    if fold is not None:      # cross-validation: both sides are rows of the fold's split
+        split, rows = fold.split, (fold.train_rows if train else fold.val_rows)
     return build_loader(config.cache, split, kind or config.loader, train=train,
                         batch_size=batch_size, aug=augment_config(config), device=env.device,
                         seed=config.seed, rank=env.rank, world_size=env.world_size,

@@ -82,6 +82,10 @@ TRAIN_OPTIONS = [
     click.option("--tensorboard/--no-tensorboard", default=None,
                  help="Also write TensorBoard event files into RUN/tb (needs the tensorboard "
                  "package).  [default: off]"),
+    _opt("--init-from", "CKPT", "Start from the weights (only) of a checkpoint: new optimiser, "
+         "schedule and step count; another label set gets a fresh head."),
+    _opt("--folds", "K", "Cross-validation: split the train split into K folds of whole cities."),
+    _opt("--fold", "I", "With --folds: validate on fold I (0-based), train on the others."),
     click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt."),
 ]
 
@@ -122,8 +126,13 @@ def train(config_file, model_args, resume, **flags):
     config = resolve_config(flags, config_file, resume=resume, notes=notes)
     for note in notes:
         click.echo(note, err=True)
+    from training.preempt import Preempted
+
     try:
         return run_training(config, resume=resume)
+    except Preempted as stop:          # SIGTERM/SIGUSR1: checkpointed; the job may be requeued
+        click.echo(str(stop), err=True)
+        raise SystemExit(stop.exit_status) from None
     except KeyboardInterrupt:
         click.echo(f"interrupted; `train --out {config.out} --resume` continues from its "
                    f"last checkpoint ({config.out}/last.pt)", err=True)

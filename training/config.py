@@ -78,6 +78,9 @@ class TrainConfig:
     sync_bn: bool = False
     deterministic: bool = False
     plots: bool = True
+    init_from: str | None = None       # a checkpoint whose weights (only) start the run
+    folds: int | None = None           # k-fold cross-validation over the train split ...
+    fold: int | None = None            # ... validating on this fold (0-based)
     tensorboard: bool = False          # also TensorBoard event files in RUN/tb
 
     @property
@@ -238,6 +241,7 @@ PARSERS: dict[str, Callable] = {
     "workers": _optional(_int(0)), "device": _optional(_str), "seed": _int(0),
     "limit": _optional(_int(1)), "sync_bn": _bool, "deterministic": _bool, "plots": _bool,
     "tensorboard": _bool,
+    "init_from": _optional(_str), "folds": _optional(_int(2)), "fold": _optional(_int(0)),
 }
 assert set(PARSERS) == {f.name for f in fields(TrainConfig)}, "every option needs a parser"
 
@@ -351,6 +355,11 @@ def validate(config: TrainConfig) -> TrainConfig:
     from training.losses import parse_loss_spec
 
     parse_loss_spec(config.loss)
+    if (config.folds is None) != (config.fold is None):
+        raise UserError("give --folds K and --fold I together (cross-validation fold I of K)")
+    if config.folds is not None and config.fold >= config.folds:
+        raise UserError(f"--fold {config.fold}: must be between 0 and {config.folds - 1} "
+                        f"for --folds {config.folds}")
     if config.tensorboard:
         from training.tensorboard import require_tensorboard
 

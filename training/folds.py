@@ -103,3 +103,11 @@ def read_fold_file(run_dir: str | os.PathLike) -> dict | None:
         return json.loads(path.read_text())
     except json.JSONDecodeError:
         raise UserError(f"{path}: not a JSON file (written by `train --folds`?)") from None
+
+
+def fold_for_config(config, reader) -> Fold | None:
+    """The fold a TrainConfig asks for (--folds K --fold I over its train split), or None."""
+    if config.folds is None:
+        return None
+    return make_fold(reader.split(config.train_split).frames, config.folds, config.fold,
+                     split=config.train_split)

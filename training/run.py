@@ -74,9 +74,12 @@ class TrainResult:
 
 def run_training(config: TrainConfig, *, resume: bool = False) -> TrainResult:
     """Train per `config` (one process, or one rank of a torchrun job); see the module docstring."""
+    from training.preempt import StopSignals
+
     env = init_distributed(config.device)
     try:
-        return Trainer(config, env, resume=resume).run()
+        with StopSignals() as stop:     # before any loader worker is forked: they inherit it
+            return Trainer(config, env, resume=resume, stop=stop).run()
     finally:
         if env.distributed and dist.is_initialized():
             dist.destroy_process_group()
@@ -168,15 +171,19 @@ def gather_rng_states(env: DistEnv) -> list[dict]:
 class Trainer:
     """One training run: the parts, the position in the data, and the run dir's files."""
 
-    def __init__(self, config: TrainConfig, env: DistEnv, *, resume: bool = False):
+    def __init__(self, config: TrainConfig, env: DistEnv, *, resume: bool = False, stop=None):
         from cache.reader import CacheReader
         from rich.console import Console
+
+        from training.folds import fold_for_config
 
         self.config, self.env, self.run_dir = config, env, Path(config.out)
         self.console = Console(stderr=True) if env.is_main else None
         seed_everything(config.seed, config.deterministic)
         self.reader = CacheReader(config.cache)
-        val = self.reader.split(config.val_split)
+        self.stop = stop                   # a training.preempt.StopSignals, or None
+        self.fold = fold_for_config(config, self.reader)     # cross-validation: val is a fold
+        val = self.reader.split(self.fold.split if self.fold else config.val_split)
         if not val.has_masks:
             raise UserError(f"--val-split {config.val_split}: this split has no masks; "
                             "validation needs a labelled split such as val")
@@ -184,8 +191,10 @@ class Trainer:
         self.config = config = resolve_defaults(config, self.reader, env)
         self.meta = model_meta(config, self.reader)
         checkpoint = self._open_checkpoint(resume)     # before anything big is built
-        self.train_loader = build_split_loader(config, env, train=True)
-        self.val_loader = build_split_loader(config, env, train=False)
+        if checkpoint is None and config.init_from and not Path(config.init_from).is_file():
+            raise UserError(f"--init-from {config.init_from}: no such checkpoint file")
+        self.train_loader = build_split_loader(config, env, train=True, fold=self.fold)
+        self.val_loader = build_split_loader(config, env, train=False, fold=self.fold)
         self.steps_per_epoch = self._steps_per_epoch()
         self._keep_loader_streams()
         self.config = config = replace(config, workers=self.train_loader.num_workers,
@@ -201,6 +210,10 @@ class Trainer:
         self.tensorboard = None        # a TensorBoardSink while run() runs, with --tensorboard
         if checkpoint is not None:
             self._restore(*checkpoint)
+        elif config.init_from:             # weights only: optimiser, schedule and step are new
+            from training.init_from import load_initial_weights
+
+            self._note(load_initial_weights(unwrap(self.parts.model), config.init_from, self.meta))
         if env.is_main:
             self._prepare_run_dir(resumed=checkpoint is not None)
 
@@ -260,6 +273,10 @@ class Trainer:
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(self.config, self.run_dir)
+        if self.fold is not None:
+            from training.folds import write_fold_file
+
+            write_fold_file(self.fold, self.reader.split(self.fold.split).frames, self.run_dir)
         if not resumed:     # a run killed before its first checkpoint may have left lines
             truncate_metrics(self.run_dir / METRICS, 0)
 
@@ -407,6 +424,24 @@ class Trainer:
         elif epoch_end or (config.checkpoint_every and step % config.checkpoint_every == 0):
             self._save_last()
             self.window.restart_timer()
+        self._stop_if_asked()
+
+    def _stop_if_asked(self) -> None:
+        """After SIGTERM/SIGUSR1 (training.preempt): last.pt at this step, then Preempted. The
+        step's own evaluation or checkpoint came first, so a resumed run skips nothing. Under
+        torchrun the ranks agree at log steps only (where the loop synchronises anyway)."""
+        from training.preempt import Preempted
+
+        if self.stop is None or self.step >= self.total_steps:
+            return
+        if self.env.distributed and self.step % self.config.log_every:
+            return
+        signum = self.stop.agreed(self.env)
+        if signum is None:
+            return
+        if self.saved_step != self.step:
+            self._save_last()
+        raise Preempted(signum, self.step, self.run_dir / LAST)
 
     def _log_train(self) -> None:
         """One metrics.jsonl line with the mean loss since the last line (over all ranks)."""
