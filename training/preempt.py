@@ -12,9 +12,16 @@ Under torchrun the ranks must stop at the same step (the checkpoint is a collect
 agree on the flag with one all-reduce; to keep host-device synchronisation out of the steps they
 do so only where the loop synchronises anyway (its log lines), see `Trainer`.
 
-The handlers are installed only in the main thread and restored on exit. Loader worker
-processes forked while they are installed inherit them, so a signal sent to the whole process
-group (as SLURM does) no longer kills the workers under the training loop.
+The handlers are installed only in the main thread and restored on exit; loader workers
+forked while they are installed inherit them. Which processes a signal reaches matters:
+- SIGUSR1 (SLURM's warning, which scripts/slurm/train.sbatch forwards through srun and torchrun;
+  torchrun signals each rank's whole process group) stops the run cleanly: the torch loader's
+  forked workers inherit the handler and run on.
+- SIGTERM to the training process alone (`kill PID`, Docker, systemd) stops it cleanly too.
+- SIGTERM to every process (scancel, SLURM preemption, torchrun forwarding SIGTERM) also reaches
+  the loader's worker processes, and torch's own SIGTERM handler in its DataLoader workers ends
+  them (DALI workers started with `spawn` end as well): the run then fails as after a kill, and
+  `--resume` continues from the last periodic checkpoint (`--checkpoint-every`) instead.
 """
 from __future__ import annotations
 
