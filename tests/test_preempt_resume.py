@@ -150,3 +150,36 @@ def test_the_slurm_script_forwards_the_warning_and_requeues(straight, tmp_path):
     assert f"resumed {out / 'last.pt'} at step {stopped}" in again.stdout + again.stderr
     assert log.read_text().split() == ["requeue", "4242"]      # no second requeue
     assert load_checkpoint(out / "last.pt")["progress"]["step"] == SLURM_ITERS
+
+
+# Rank 1 alone gets SIGUSR1 once step 2 is done (after that step's stop check): the ranks must
+# agree at step 3 and both stop there, with no rank left waiting in a collective.
+ONE_RANK_SIGNALLED = """
+import os, signal, sys
+from training import cli, run
+original = run.Trainer._after_step
+def after_step(self):
+    original(self)
+    if self.step == 2 and os.environ["RANK"] == "1":
+        os.kill(os.getpid(), signal.SIGUSR1)
+run.Trainer._after_step = after_step
+cli.train.main(args=sys.argv[1:], prog_name="train")
+"""
+
+
+def test_under_torchrun_the_ranks_agree_to_stop_at_the_same_step(straight, tmp_path):
+    cache, _ = straight
+    script, out = tmp_path / "one_rank.py", tmp_path / "ddp"
+    script.write_text(ONE_RANK_SIGNALLED)
+    args = [*flags(cache, out), "--workers", "0", "--iters", "6", "--device", "cpu"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    stopped = subprocess.run([*torchrun, str(script), *args], cwd=REPO, env=environment(),
+                             capture_output=True, text=True, timeout=300)
+    output = stopped.stdout + stopped.stderr
+    assert stopped.returncode != 0 and output.count("stopped by SIGUSR1 at step 3") == 2, output[-3000:]
+    assert f"exitcode  : {REQUEUE_EXIT_STATUS}" in output
+    assert load_checkpoint(out / "last.pt")["progress"]["step"] == 3
+    resumed = subprocess.run([*torchrun, "-m", "training.cli", "train", "--out", str(out), "--resume"],
+                             cwd=REPO, env=environment(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert load_checkpoint(out / "last.pt")["progress"]["step"] == 6
