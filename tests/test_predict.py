@@ -79,9 +79,10 @@ def test_a_folder_gives_colour_and_overlay_per_image_at_its_own_size(ckpt, image
 def test_a_glob_and_a_single_image(ckpt, image_tree, tmp_path):
     inputs = find_inputs(str(image_tree / "*" / "*_1.*"))
     assert [p.name for p in inputs.images] == ["a_1.png", "b_1.jpg"] and inputs.keys == ("a/a_1", "b/b_1")
-    run_predict(ckpt, str(image_tree / "a" / "a_1.png"), tmp_path / "one", tta_scales=(0.75, 1.0),
-                tta_flip=True, **FAST)
-    assert (tmp_path / "one" / "a_1_color.png").is_file()
+    record = run_predict(ckpt, str(image_tree / "a" / "a_1.png"), tmp_path / "one",
+                         tta_scales=(0.75, 1.0), tta_flip=True, amp="bf16", eval_scale=0.5, **FAST)
+    assert (record["amp"], record["eval_scale"], record["tta_flip"]) == ("bf16", 0.5, True)
+    assert read_rgb(tmp_path / "one" / "a_1_color.png").shape == (64, 96, 3)   # the input's size
 
 
 def test_images_become_a_time_lapse_video(ckpt, image_tree, tmp_path):
