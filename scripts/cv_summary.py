@@ -42,10 +42,11 @@ def main(runs, pick, json_path, markdown_path):
     class_cells = [[name, *[pct(f["class_iou"].get(name)) for f in summary["folds"]],
                     pct(stats["mean"], stats["std"])] for name, stats in summary["class_iou"].items()]
     title = f"{summary['k']}-fold cross-validation on {summary['split']} ({pick} evaluation)"
-    for header, cells, caption in ((fold_header, fold_cells, title), (class_header, class_cells, None)):
+    for header, cells, caption, text_columns in ((fold_header, fold_cells, title, 2),
+                                                 (class_header, class_cells, None, 1)):
         table = Table(title=caption)
         for i, name in enumerate(header):
-            table.add_column(name, justify="left" if i < 2 else "right")
+            table.add_column(name, justify="left" if i < text_columns else "right")
         for line in cells:
             table.add_row(*line)
         console.print(table)
