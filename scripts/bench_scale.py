@@ -80,12 +80,24 @@ def pss_bytes(pid: int) -> int:
     return 0
 
 
+def cpu_seconds(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 class PeakRss:
-    """Samples the RSS of a process and the PSS of its whole tree until stopped; keeps the peaks."""
+    """Samples the RSS of a process, the PSS of its whole tree and the CPU time of every process
+    in it (workers of a forkserver are not the command's children: rusage misses them) until
+    stopped; keeps the peaks and the last CPU time seen per process."""
 
     def __init__(self, pid: int, every: float = 0.5):
         self.pid, self.every = pid, every
         self.parent = self.tree = 0
+        self.cpu: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -93,13 +105,16 @@ class PeakRss:
     def _run(self):
         while not self._stop.is_set():
             self.parent = max(self.parent, rss_bytes(self.pid))
-            self.tree = max(self.tree, sum(pss_bytes(p) for p in process_tree(self.pid)))
+            tree = process_tree(self.pid)
+            self.tree = max(self.tree, sum(pss_bytes(p) for p in tree))
+            self.cpu.update({p: max(self.cpu.get(p, 0.0), cpu_seconds(p)) for p in tree})
             self._stop.wait(self.every)
 
     def stop(self) -> dict:
         self._stop.set()
         self._thread.join()
-        return {"peak_rss_parent_mb": self.parent / 2**20, "peak_pss_tree_mb": self.tree / 2**20}
+        return {"peak_rss_parent_mb": self.parent / 2**20, "peak_pss_tree_mb": self.tree / 2**20,
+                "sampled_cpu_s": sum(self.cpu.values())}
 
 
 def children_cpu() -> float:
@@ -116,6 +131,7 @@ def run_timed(command: list[str], *, preexec=None) -> dict:
     stdout, stderr = proc.communicate()
     result = {"wall_s": time.perf_counter() - wall, "cpu_s": children_cpu() - cpu, **peaks.stop(),
               "returncode": proc.returncode}
+    result["cpu_s"] = max(result["cpu_s"], result.pop("sampled_cpu_s"))  # see PeakRss
     if proc.returncode != 0:
         result["error"] = stderr.strip().splitlines()[-1] if stderr.strip() else f"exit {proc.returncode}"
     result["stdout"] = stdout
