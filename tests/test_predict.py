@@ -76,6 +76,17 @@ def test_a_folder_gives_colour_and_overlay_per_image_at_its_own_size(ckpt, image
     assert np.array_equal(read_rgb(out / "a/a_2_overlay.png"), blended)
 
 
+def test_an_output_folder_inside_the_input_folder_is_not_read_back(ckpt, tmp_path):
+    tree = tmp_path / "frames"
+    tree.mkdir()
+    Image.fromarray(noise(32, 48, 5)).save(tree / "f.png")
+    for _ in range(2):      # the second run must not take the first one's pictures as input
+        record = run_predict(ckpt, tree, tree / "pred", **FAST)
+        assert record["frames"] == 1
+    assert sorted(p.name for p in (tree / "pred").iterdir()) == ["f_color.png", "f_overlay.png",
+                                                                 "predict.json"]
+
+
 def test_a_glob_and_a_single_image(ckpt, image_tree, tmp_path):
     inputs = find_inputs(str(image_tree / "*" / "*_1.*"))
     assert [p.name for p in inputs.images] == ["a_1.png", "b_1.jpg"] and inputs.keys == ("a/a_1", "b/b_1")

@@ -65,19 +65,30 @@ def _keys(paths: Sequence[Path], base: Path) -> tuple[str, ...]:
     return tuple(p.relative_to(base).with_suffix("").as_posix() for p in paths)
 
 
-def find_inputs(spec: str) -> Inputs:
-    """Resolve --input: a glob, a folder, an image file or a video file."""
+def _outside(paths, exclude: Path | None) -> list[Path]:
+    """Paths not under `exclude` (--out inside the input folder: never read our own output)."""
+    if exclude is None:
+        return list(paths)
+    root = exclude.resolve()
+    return [p for p in paths if not p.resolve().is_relative_to(root)]
+
+
+def find_inputs(spec: str, exclude: Path | None = None) -> Inputs:
+    """Resolve --input: a glob, a folder, an image file or a video file; images under
+    `exclude` (the output folder) are left out."""
     text = os.fspath(spec)
     if _is_glob(text) and not Path(text).exists():
-        paths = sorted(Path(p) for p in glob.glob(text, recursive=True)
-                       if Path(p).is_file() and Path(p).suffix.lower() in IMAGE_SUFFIXES)
+        paths = _outside(sorted(Path(p) for p in glob.glob(text, recursive=True)
+                                if Path(p).is_file() and Path(p).suffix.lower() in IMAGE_SUFFIXES),
+                         exclude)
         if not paths:
             raise UserError(f"--input {text}: no PNG or JPEG file matches")
         base = _glob_base(text)
         return Inputs(text, tuple(paths), _keys(paths, base))
     path = Path(text)
     if path.is_dir():
-        paths = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        paths = _outside(sorted(p for p in path.rglob("*")
+                                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES), exclude)
         if not paths:
             raise UserError(f"--input {path}: no PNG or JPEG file in this folder")
         return Inputs(text, tuple(paths), _keys(paths, path))
@@ -390,7 +401,7 @@ def run_predict(checkpoint, input_spec, out_dir, *, video_path=None, fps: float 
                   images=images, video_path=video_path, eval_scale=eval_scale)
     if not Path(checkpoint).is_file():
         raise UserError(f"--checkpoint {checkpoint}: no such checkpoint file")
-    inputs = find_inputs(input_spec)
+    inputs = find_inputs(input_spec, exclude=Path(out_dir))
     out = prepare_out_dir(out_dir)
     video = check_video_path(video_path, out)
     device = resolve_device(device)
