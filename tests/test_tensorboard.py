@@ -104,7 +104,8 @@ def test_a_training_run_writes_its_metrics_as_scalars(tmp_path):
     torch.set_num_threads(1)
     cache = blocky_cache(tmp_path / "c", n_train=4, n_val=1, height=64, width=128)
     out = tmp_path / "run"
-    train_cli(cache, out, "--iters", 2)
+    first = train_cli(cache, out, "--iters", 2)
+    assert f"tensorboard {out / TB_DIR} (watch: tensorboard --logdir" in first.stderr
     train_cli(cache, out, "--iters", 4, "--resume")     # a resumed run adds to the same file
     scalars = scalars_in(out / TB_DIR)
     records = read_metrics(out / "metrics.jsonl")

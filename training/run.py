@@ -357,6 +357,8 @@ class Trainer:
             from training.tensorboard import TensorBoardSink
 
             self.tensorboard = TensorBoardSink(self.run_dir, start_step=self.step)
+            self._note(f"  tensorboard {self.tensorboard.log_dir} (watch: tensorboard --logdir "
+                       f"{self.tensorboard.log_dir})")
         try:
             while self.step < self.total_steps:
                 self._train_epoch()
