@@ -145,3 +145,8 @@ def test_gpu_check_reads_junit_reports_and_summarises_parts(tmp_path):
     assert gpu_check.headline("bench_train", cost) == "torch 3.1%, dali 7.2%"
     assert gpu_check.headline("tests", {"ok": False, "seconds": 1, "error": "timed out"}) == \
         "timed out"
+    # a part that needs the data is recorded as failed, not run, once the data part failed
+    from types import SimpleNamespace
+
+    outcome = gpu_check.run_part(SimpleNamespace(work=tmp_path, data=None), "held", 30)
+    assert outcome == {"ok": False, "seconds": 0, "error": "no data: the data part failed"}
