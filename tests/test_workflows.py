@@ -100,8 +100,9 @@ def test_two_folds_by_city_and_their_summary(cache, tmp_path):
     runs = []
     for fold in (0, 1):
         runs.append(tmp_path / f"fold{fold}")
-        invoke(train, ["--cache", cache, "--out", runs[-1], "--folds", "2", "--fold", fold,
-                       "--iters", "2", *TINY])
+        shown = invoke(train, ["--cache", cache, "--out", runs[-1], "--folds", "2", "--fold", fold,
+                               "--iters", "2", *TINY]).output
+        assert f"fold {fold} of 2: validating on" in shown
     records = [json.loads((run / "fold.json").read_text()) for run in runs]
     val_cities = [set(r["val_cities"]) for r in records]
     assert val_cities[0] and val_cities[1] and not val_cities[0] & val_cities[1]

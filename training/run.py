@@ -183,6 +183,11 @@ class Trainer:
         self.reader = CacheReader(config.cache)
         self.stop = stop                   # a training.preempt.StopSignals, or None
         self.fold = fold_for_config(config, self.reader)     # cross-validation: val is a fold
+        if self.fold is not None:
+            fold = self.fold
+            self._note(f"fold {fold.index} of {fold.k}: validating on {len(fold.val_rows)} frames "
+                       f"of {fold.split} ({', '.join(fold.val_cities)}), training on the other "
+                       f"{len(fold.train_rows)}; --val-split is not used")
         val = self.reader.split(self.fold.split if self.fold else config.val_split)
         if not val.has_masks:
             raise UserError(f"--val-split {config.val_split}: this split has no masks; "
