@@ -14,8 +14,8 @@
 # Python minor version on Linux x86-64.
 #
 # unpack checks every part named in PARTS/MANIFEST, joins them, checks the whole, unpacks
-# the wheels into DEST (default PARTS/wheels) and runs, in the repository it is called from,
-#   pip install --no-index --find-links DEST -r requirements.txt
+# the wheels into DEST (default PARTS/wheels) and installs offline: requirements.txt (pytest,
+# setuptools), then the checkout it is called from (pip install --no-build-isolation -e).
 # Nothing is installed when a check fails.
 set -euo pipefail
 
@@ -33,6 +33,7 @@ resolve() {
     report=$(mktemp)
     "$PYTHON" -m pip install --dry-run --quiet --ignore-installed --no-index \
         --no-build-isolation --find-links "$WHEELHOUSE" --report "$report" "$ROOT" pytest \
+        "setuptools>=64" \
         >/dev/null \
         || die "pip could not resolve the project from $WHEELHOUSE (pip download -d $WHEELHOUSE <what is missing>)"
     "$PYTHON" - "$report" <<'EOF'
@@ -77,7 +78,8 @@ pack() {
     done
     [[ -n $(ls "$out/stage") ]] || die "the other side has every wheel already"
     (cd "$out/stage" && ls *.whl) > "$out/wheels.txt"
-    "$PYTHON" -c 'import sys; print("\n".join(sys.argv[1:]))' pytest > "$out/requirements.txt"
+    # installed first: the project's own build then needs no network (--no-build-isolation)
+    printf '%s\n' pytest "setuptools>=64" > "$out/requirements.txt"
     tar -C "$out/stage" -cf "$out/wheels.tar" .
     rm -rf "$out/stage"
     (cd "$out" && split -b "${PART_MB}M" -d -a 3 wheels.tar wheels.tar.part.)
@@ -98,8 +100,8 @@ unpack() {
     mkdir -p "$dest"
     tar -C "$dest" -xf "$parts/wheels.tar"
     rm -f "$parts/wheels.tar"
-    "$PYTHON" -m pip install --no-index --find-links "$dest" -e "$ROOT" \
-        -r "$parts/requirements.txt"
+    "$PYTHON" -m pip install --no-index --find-links "$dest" -r "$parts/requirements.txt"
+    "$PYTHON" -m pip install --no-index --find-links "$dest" --no-build-isolation -e "$ROOT"
 }
 
 case ${1:-} in
