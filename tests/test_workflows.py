@@ -80,6 +80,10 @@ def test_coarse_then_fine_with_init_from(cache, tmp_path):
     first = [r for r in read_metrics(fine / "metrics.jsonl") if r["event"] == "train"][0]
     assert first["step"] == 1 and first["lr"] < 0.05                               # poly from 0.05
     assert not all(torch.equal(phase_one[k], v) for k, v in last["model"].items())  # it trained on
+    # --resume continues from the run's own last.pt; the --init-from weights are not loaded again
+    more = invoke(train, ["--out", fine, "--resume", "--iters", "4"]).output
+    assert "init-from" not in more and "at step 3" in more
+    assert load_checkpoint(fine / "last.pt")["progress"]["step"] == 4
 
 
 def test_init_from_refuses_another_encoder(cache, tmp_path):
