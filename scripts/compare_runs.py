@@ -36,14 +36,14 @@ def main(runs, eval_name, markdown_path):
     rows = [comparison_row(run, eval_name) for run in runs]
     header = [title for _, title in COMPARE_COLUMNS]
     cells = table_cells(rows)
-    markdown = markdown_table(header, cells, right_from=4)
+    markdown = markdown_table(header, cells, right_from=5)
     console = Console(stderr=markdown_path == "-")
     if markdown_path == "-":
         click.echo(markdown, nl=False)
     else:
         table = Table(title="Runs compared")
         for i, title in enumerate(header):
-            table.add_column(title, justify="right" if i >= 4 else "left")
+            table.add_column(title, justify="right" if i >= 5 else "left")
         for line in cells:
             table.add_row(*line)
         console.print(table)

@@ -40,7 +40,8 @@ def runs(tmp_path_factory):
     (root / "b" / "eval.json").write_text(json.dumps({
         "arch": "deeplabv3plus", "encoder": "resnet50", "input_hw": [1024, 2048], "miou": 0.8009,
         "mean_accuracy": 0.8712, "pixel_accuracy": 0.9634, "params": 43_580_000,
-        "flops": 1_414_000_000_000, "latency_ms": 123.46, "tta_scales": [1.0], "tta_flip": False}))
+        "flops": 1_414_000_000_000, "latency_ms": 123.46, "tta_scales": [0.75, 1.0, 1.25],
+        "tta_flip": True}))
     data = load_checkpoint(ckpt)
     save_checkpoint(root / "c" / "best.pt", {**{k: data[k] for k in ("meta", "model")},
                                               "scores": {"miou": 0.5, "pixel_accuracy": 0.75}})
@@ -53,10 +54,11 @@ def test_rows_come_from_eval_json_or_best_pt(runs):
     assert (a["arch"], a["input"], a["params"], a["flops"]) == \
         ("unet", "64x128", evaluated["params"], evaluated["flops"])
     assert a["macc"] == evaluated["mean_accuracy"] and not a["missing"]
-    assert table_cells([b])[0] == ["b", "deeplabv3plus", "resnet50", "1024x2048", "80.09", "87.12",
-                                   "96.34", "43.6", "1414.0", "123.5"]
+    assert table_cells([b])[0] == ["b", "deeplabv3plus", "resnet50", "1024x2048", "ms+flip", "80.09",
+                                   "87.12", "96.34", "43.6", "1414.0", "123.5"]
+    assert a["test_time"] == "ss" and c["test_time"] == "ss"
     assert (c["miou"], c["aacc"], c["macc"]) == (0.5, 0.75, None)
-    assert table_cells([c])[0][5] == "—"
+    assert table_cells([c])[0][6] == "—"
     notes = missing_notes([a, b, c])
     assert len(notes) == 1 and notes[0].startswith("c: no eval.json") and "evaluate --checkpoint" in notes[0]
     assert comparison_row(str(runs / "b" / "eval.json"))["run"] == "b"
@@ -68,10 +70,11 @@ def test_compare_script_prints_markdown_and_a_rich_table(runs, tmp_path):
     done = script("compare_runs.py", runs / "b", runs / "c", "--markdown", "-")
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    assert lines[0] == ("| Run | Architecture | Encoder | Input | mIoU | mAcc | aAcc | Params (M) "
-                        "| GFLOPs | Latency (ms) |")
-    assert lines[2] == "| b | deeplabv3plus | resnet50 | 1024x2048 | 80.09 | 87.12 | 96.34 | 43.6 | 1414.0 | 123.5 |"
-    assert lines[3].startswith("| c | unet | resnet18 | — | 50.00 | — | 75.00 |")
+    assert lines[0] == ("| Run | Architecture | Encoder | Input | Eval | mIoU | mAcc | aAcc "
+                        "| Params (M) | GFLOPs | Latency (ms) |")
+    assert lines[2] == ("| b | deeplabv3plus | resnet50 | 1024x2048 | ms+flip | 80.09 | 87.12 | 96.34 "
+                        "| 43.6 | 1414.0 | 123.5 |")
+    assert lines[3].startswith("| c | unet | resnet18 | — | ss | 50.00 | — | 75.00 |")
     assert "note: c: no eval.json" in done.stderr
     shown = script("compare_runs.py", runs / "a", runs / "b", "--markdown", tmp_path / "t.md")
     assert shown.returncode == 0 and "Runs compared" in shown.stdout and "80.09" in shown.stdout

@@ -21,7 +21,8 @@ from cache.errors import UserError
 
 EVAL_NAME = "eval.json"
 COMPARE_COLUMNS = (("run", "Run"), ("arch", "Architecture"), ("encoder", "Encoder"),
-                   ("input", "Input"), ("miou", "mIoU"), ("macc", "mAcc"), ("aacc", "aAcc"),
+                   ("input", "Input"), ("test_time", "Eval"), ("miou", "mIoU"), ("macc", "mAcc"),
+                   ("aacc", "aAcc"),
                    ("params", "Params (M)"), ("gflops", "GFLOPs"), ("latency", "Latency (ms)"))
 
 
@@ -40,13 +41,16 @@ def _from_eval_json(name: str, path: Path) -> dict:
     if "miou" not in data:
         raise UserError(f"{path}: no 'miou' (is it the JSON of `evaluate --json`?)")
     hw = data.get("input_hw") or data.get("output_hw")
-    views = len(data.get("tta_scales") or [1.0]) * (2 if data.get("tta_flip") else 1)
+    scales = data.get("tta_scales") or [1.0]
+    # published tables keep single-scale ("ss") and multi-scale + flip ("ms+flip") apart
+    test_time = ("ms" if len(scales) > 1 or scales[0] != 1.0 else "ss") + \
+        ("+flip" if data.get("tta_flip") else "")
     return {"run": name, "source": str(path), "arch": data.get("arch"),
             "encoder": data.get("encoder"), "input": f"{hw[0]}x{hw[1]}" if hw else None,
             "miou": data.get("miou"), "macc": data.get("mean_accuracy"),
             "aacc": data.get("pixel_accuracy"), "params": data.get("params"),
             "flops": data.get("flops"), "latency": data.get("latency_ms"),
-            "device": data.get("device"), "tta_views": views, "missing": []}
+            "device": data.get("device"), "test_time": test_time, "missing": []}
 
 
 def _from_checkpoint(name: str, run: Path) -> dict:
@@ -58,7 +62,7 @@ def _from_checkpoint(name: str, run: Path) -> dict:
     return {"run": name, "source": str(run / "best.pt"), "arch": meta.get("arch"),
             "encoder": meta.get("encoder"), "input": None, "miou": scores.get("miou"),
             "macc": None, "aacc": scores.get("pixel_accuracy"), "params": None, "flops": None,
-            "latency": None, "device": None, "tta_views": 1, "missing": missing}
+            "latency": None, "device": None, "test_time": "ss", "missing": missing}
 
 
 def comparison_row(spec: str, eval_name: str = EVAL_NAME) -> dict:
