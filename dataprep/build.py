@@ -94,6 +94,8 @@ class SplitResult:
     rows_written: int = 0
     already_complete: bool = False
     skipped: dict = field(default_factory=dict)  # frame name -> problem
+    scale: float = 1.0
+    stored_size: tuple[int, int] | None = None  # (height, width) of the stored frames
 
 
 @dataclass
@@ -152,7 +154,8 @@ def _build(options: BuildOptions, events: BuildEvents) -> BuildReport:
 def _build_split(writer: CacheWriter, pool: "_WorkerPool", split: str, frames: list[Frame],
                  options: BuildOptions, events: BuildEvents) -> SplitResult:
     plan, by_name = _plan_split(writer, pool, split, frames, options, events)
-    result = SplitResult(split, len(plan.frames), plan.has_masks, skipped=dict(plan.skipped))
+    result = SplitResult(split, len(plan.frames), plan.has_masks, skipped=dict(plan.skipped),
+                         scale=plan.scale, stored_size=(plan.height, plan.width))
     if not options.force and writer.is_complete(plan, options.storage):
         result.already_complete = True
         events.message(f"split {split!r}: complete already ({len(plan.frames)} frames); "

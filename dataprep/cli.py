@@ -103,6 +103,8 @@ def build(root, out, splits, workers, limit, force, coarse, on_error, tile, code
     for split in report.splits:
         content = "images + masks" if split.has_masks else "images only (unlabelled: no masks array)"
         state = "already complete" if split.already_complete else f"{split.rows_written} rows written"
+        if split.scale != 1.0:
+            state += f", stored at {split.stored_size[1]}x{split.stored_size[0]} (--scale {split.scale:g})"
         console.print(f"{split.name}: {split.frames} frames, {content}, {state}")
     if report.skipped:
         console.print(f"[bold red]{len(report.skipped)} bad frames were left out:[/]")

@@ -633,6 +633,7 @@ def test_scale_stores_training_splits_downscaled_and_stats_and_loader_run_on_it(
     out = tmp_path / "half"
     result = run_build("--root", small_tree, "--out", out, "--workers", "2", "--scale", "0.5", "--tile", "128")
     assert result.exit_code == 0, result.output
+    assert "train: 4 frames, images + masks, 4 rows written, stored at 256x128 (--scale 0.5)" in result.output
     reader = CacheReader(out)
     train, val = reader.split("train"), reader.split("val")
     assert (train.height, train.width, train.scale) == (128, 256, 0.5)
