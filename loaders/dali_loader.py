@@ -8,9 +8,6 @@ iterating the same training epoch twice) rebuilds the pipeline at the requested 
 """
 from __future__ import annotations
 
-import signal
-import threading
-from contextlib import contextmanager
 from typing import Iterator
 
 import torch
@@ -19,6 +16,7 @@ from cache.errors import UserError
 from cache.reader import CacheReader
 from loaders.contract import AugmentConfig, Batch, check_request, cores_per_rank
 from loaders.order import batch_count, shard_indices
+from loaders.workers import worker_signals
 
 DALI_MISSING = "DALI is not installed (nvidia-dali-cuda130, Linux x86-64 only); use --loader torch"
 
@@ -145,7 +143,7 @@ class DaliLoader:
                                     channels_last=self.channels_last)
         names = ["image", "mask", "row"] if self.info.has_masks else ["image", "row"]
         if self.num_workers > 0:
-            with sigint_ignored():  # Ctrl-C is the main process's business: no worker tracebacks
+            with worker_signals():   # Ctrl-C and a scheduler's SIGTERM: loaders/workers.py
                 self._pipe.start_py_workers()
         # size=-1: the stream is endless; __iter__ cuts it into epochs of len() batches.
         self._dali_iter = DALIGenericIterator([self._pipe], names, size=-1, auto_reset=False,
@@ -179,21 +177,6 @@ class DaliLoader:
             image = image.to(self.device)
             mask = None if mask is None else mask.to(self.device)
         return Batch(image=image, mask=mask, rows=rows.cpu())
-
-
-@contextmanager
-def sigint_ignored():
-    """Ignore SIGINT while worker processes start: forked ones inherit the disposition and
-    spawned ones keep it (Python installs its KeyboardInterrupt handler only where SIGINT is
-    not ignored), so a Ctrl-C reaches the main process alone, which stops the pipeline."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def source_start_method(device_id: int | None) -> str:

@@ -60,6 +60,14 @@ class WindowSource:
         state["_orders"] = {}
         return state
 
+    def __setstate__(self, state):
+        # Unpickled in a spawned DALI worker: a fresh interpreter, so the worker's signal
+        # handling is installed here (forked workers inherit it; loaders/workers.py).
+        from loaders.workers import keep_serving_on_termination
+
+        self.__dict__.update(state)
+        keep_serving_on_termination()
+
     def order(self, epoch: int) -> np.ndarray:
         if epoch not in self._orders:
             self._orders = {epoch: self.rows[shard_indices(

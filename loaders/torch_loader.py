@@ -32,6 +32,7 @@ from loaders.contract import (IMAGE_PAD, MASK_PAD, AugmentConfig, Batch, check_r
                               cores_per_rank)
 from loaders.order import batch_count, shard_indices
 from loaders.sampling import SampleParams, draw_train_sample, eval_sample
+from loaders.workers import keep_serving_on_termination
 
 
 
@@ -305,6 +306,7 @@ class TorchLoader:
         self._loader = DataLoader(
             dataset, batch_size=None, sampler=self.batches, num_workers=num_workers,
             pin_memory=self.device.type == "cuda", persistent_workers=num_workers > 0,
+            worker_init_fn=keep_serving_on_termination if num_workers > 0 else None,
             prefetch_factor=2 if num_workers > 0 else None)
         self._stream = None
         self._first_epoch = 0          # the epoch the running stream started at

@@ -78,8 +78,10 @@ def straight(tmp_path_factory):
     return cache, root / "straight"
 
 
-@pytest.mark.parametrize("sig, group", [(signal.SIGTERM, False), (signal.SIGUSR1, True)],
-                         ids=["SIGTERM to train", "SIGUSR1 to train and its loader worker"])
+@pytest.mark.parametrize("sig, group", [(signal.SIGTERM, False), (signal.SIGUSR1, True),
+                                        (signal.SIGTERM, True)],
+                         ids=["SIGTERM to train", "SIGUSR1 to train and its loader worker",
+                              "SIGTERM to train and its loader worker (scancel)"])
 def test_a_stop_signal_checkpoints_exits_75_and_resumes_exactly(straight, tmp_path, sig, group):
     cache, reference = straight
     out = tmp_path / "stopped"
@@ -183,3 +185,23 @@ def test_under_torchrun_the_ranks_agree_to_stop_at_the_same_step(straight, tmp_p
                              cwd=REPO, env=environment(), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert load_checkpoint(out / "last.pt")["progress"]["step"] == 6
+
+
+@pytest.mark.dali
+def test_sigterm_to_a_dali_run_and_its_source_workers_checkpoints_and_exits_75(straight, tmp_path):
+    """A scheduler's SIGTERM reaches DALI's source workers too: they keep serving while the
+    run finishes its step and checkpoints (loaders/workers.py)."""
+    pytest.importorskip("nvidia.dali")
+    cache, _ = straight
+    out = tmp_path / "dali"
+    args = [*flags(cache, out)]
+    args[args.index("--loader") + 1] = "dali"
+    child = subprocess.Popen([sys.executable, "-c", SLOW_TRAIN, *args], cwd=REPO,
+                             env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, start_new_session=True)
+    wait_for_step(out, child, SIGNAL_AT)
+    os.killpg(child.pid, signal.SIGTERM)
+    _, stderr = child.communicate(timeout=120)
+    assert child.returncode == REQUEUE_EXIT_STATUS, stderr
+    step = load_checkpoint(out / "last.pt")["progress"]["step"]
+    assert f"stopped by SIGTERM at step {step}" in stderr and "Traceback" not in stderr
