@@ -60,12 +60,16 @@ def process_tree(root_pid: int) -> list[int]:
     return tree
 
 
-def rss_bytes(pid: int) -> int:
+def peak_rss_bytes(pid: int) -> int:
+    """The kernel's high-water mark of a process's RSS (VmHWM): no peak between samples is lost."""
     try:
-        with open(f"/proc/{pid}/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
     except (OSError, IndexError, ValueError):
-        return 0
+        pass
+    return 0
 
 
 def pss_bytes(pid: int) -> int:
@@ -94,7 +98,7 @@ class PeakRss:
     in it (workers of a forkserver are not the command's children: rusage misses them) until
     stopped; keeps the peaks and the last CPU time seen per process."""
 
-    def __init__(self, pid: int, every: float = 0.5):
+    def __init__(self, pid: int, every: float = 0.2):
         self.pid, self.every = pid, every
         self.parent = self.tree = 0
         self.cpu: dict[int, float] = {}
@@ -104,7 +108,7 @@ class PeakRss:
 
     def _run(self):
         while not self._stop.is_set():
-            self.parent = max(self.parent, rss_bytes(self.pid))
+            self.parent = max(self.parent, peak_rss_bytes(self.pid))
             tree = process_tree(self.pid)
             self.tree = max(self.tree, sum(pss_bytes(p) for p in tree))
             self.cpu.update({p: max(self.cpu.get(p, 0.0), cpu_seconds(p)) for p in tree})

@@ -1,0 +1,33 @@
+"""scripts/bench_scale.py at a toy size: every figure is there and means what it says."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_bench_scale_records_synth_build_and_epochs_in_three_conditions(tmp_path):
+    out = tmp_path / "scale.json"
+    command = [sys.executable, str(ROOT / "scripts" / "bench_scale.py"), "--work", str(tmp_path / "work"),
+               "--frames", "8", "--height", "128", "--width", "256", "--res", "64", "--batch-size", "2",
+               "--kinds", "torch", "--storage", "raw,zstd-1", "--workers", "2", "--json", str(out)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["synth"]["frames_per_s"] > 0 and result["synth"]["cpu_s"] > 0
+    raw, zstd = result["builds"]["raw"], result["builds"]["zstd-1"]
+    assert raw["frames"] == zstd["frames"] == 8 and raw["peak_rss_parent_mb"] > 10
+    assert raw["cache_bytes"] > zstd["cache_bytes"]  # zstd-1 tiles are smaller than raw ones
+    torch = result["epochs"]["raw"]["torch"]
+    assert torch["page_cache"]["images"] == 6 and torch["page_cache"]["mb_read_per_image"] < 0.1
+    assert torch["cold"]["mb_read_per_image"] > 0.05  # evicted: the windows come from the disk
+    limited = torch["memory_limited"]
+    assert "skipped" in limited or limited["images"] == 6  # a cgroup where the OS allows one
+    assert set(result["epochs"]["zstd-1"]["torch"]) == {"page_cache"}
+    assert not (tmp_path / "work" / "cache-raw").exists()  # cleaned up without --keep
