@@ -105,7 +105,7 @@ def build(root, out, splits, workers, limit, force, coarse, on_error, tile, code
         state = "already complete" if split.already_complete else f"{split.rows_written} rows written"
         if split.scale != 1.0:
             state += f", stored at {split.stored_size[1]}x{split.stored_size[0]} (--scale {split.scale:g})"
-        console.print(f"{split.name}: {split.frames} frames, {content}, {state}")
+        console.print(f"{split.name}: {split.frames} frames, {content}, {state}", soft_wrap=True)
     if report.skipped:
         console.print(f"[bold red]{len(report.skipped)} bad frames were left out:[/]")
         for name, problem in report.skipped.items():
