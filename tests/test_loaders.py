@@ -503,6 +503,7 @@ def test_mask_resize_keeps_only_source_values():
 
 
 # == the DALI kind ================================================================================
+@pytest.mark.dali
 def test_dali_jitter_is_the_shared_colour_twist_on_the_geometry(cache, dali):
     aug = AugmentConfig(crop=(96, 600), scale=(0.6, 1.0), brightness=0.6, contrast=0.6,
                         saturation=0.3, hue=20.0)
@@ -524,6 +525,7 @@ def test_dali_jitter_is_the_shared_colour_twist_on_the_geometry(cache, dali):
     assert (jittered.image - plain.image).abs().mean() > 0.05
 
 
+@pytest.mark.dali
 def test_dali_colour_stage_is_the_shared_twist_clamped_at_both_ends(dali):
     # The graph's colour stage alone, on pixels and parameters that overflow both ways.
     from nvidia.dali import fn, types
@@ -573,6 +575,7 @@ def test_dali_default_workers_and_threads(monkeypatch, cores, cpu, cuda):
     assert default_workers(torch.device("cuda", 0)) == cuda
 
 
+@pytest.mark.dali
 def test_dali_spawned_workers_give_the_same_batches(cache, dali):
     # spawn is what a process with CUDA initialised uses: the source must pickle and import
     from loaders.dali_loader import DaliLoader
@@ -586,11 +589,13 @@ def test_dali_spawned_workers_give_the_same_batches(cache, dali):
         assert torch.equal(a.image, b.image) and torch.equal(a.mask, b.mask)
 
 
+@pytest.mark.dali
 def test_dali_refuses_a_device_it_cannot_use(cache, dali):
     with pytest.raises(UserError, match="cpu or cuda only"):
         load(cache, "dali", device="meta")
 
 
+@pytest.mark.dali
 def test_dali_matches_the_torch_kind(cache, dali):
     aug = AugmentConfig(crop=(96, 160))  # full augmentation, jitter included
     for epoch in (0, 3):
@@ -625,6 +630,7 @@ def test_torch_host_batches_are_the_loaders_unfinished_batches(cache):
                               atol=1e-4)
 
 
+@pytest.mark.dali
 def test_dali_host_batches_are_the_source_windows(cache, dali):
     from loaders.host_side import dali_host_batches, images_in
 
