@@ -45,7 +45,7 @@ import numpy as np
 from cache.errors import UserError
 from cache.writer import SKIPPED_ATTR, CacheWriter, RowWriter, SplitPlan, Storage
 from dataprep.discover import COARSE_SPLIT
-from dataprep.discover import Frame, discover, unlabelled_splits
+from dataprep.discover import Frame, discover, polygon_dir, unlabelled_splits
 from dataprep.rasterize import BadFrame, load_polygons, render_trainids
 
 ON_ERROR_CHOICES = ("stop", "skip")
@@ -140,7 +140,10 @@ def build_cache(options: BuildOptions, events: BuildEvents | None = None) -> Bui
 def _build(options: BuildOptions, events: BuildEvents) -> BuildReport:
     found = discover(options.root, options.splits, coarse=options.coarse)
     for split in unlabelled_splits(found):
-        events.message(f"split {split!r} has no polygon files: images only, no masks array")
+        labels = polygon_dir(options.root, split)
+        why = (f"{labels} holds placeholder polygons only (no evaluated class), as the real "
+               "test split does" if labels.is_dir() else f"no {labels}")
+        events.message(f"split {split!r}: images only, no masks array ({why})")
     with _WorkerPool(options.workers or default_workers()) as pool:
         pool.start()  # before this process opens the cache: see worker_context
         writer = CacheWriter(options.out, force=options.force)

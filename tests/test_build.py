@@ -140,7 +140,7 @@ def test_cli_build_says_which_split_has_no_masks_and_rerun_rebuilds_nothing(smal
     out = tmp_path / "cache"
     first = run_build("--root", small_tree, "--out", out, "--workers", "1", "--tile", "128")
     assert first.exit_code == 0, first.output
-    assert "'test' has no polygon files: images only, no masks array" in first.output
+    assert "split 'test': images only, no masks array" in first.output
     assert "test: 2 frames, images only" in first.output
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
     again = run_build("--root", small_tree, "--out", out, "--workers", "1", "--tile", "128")
