@@ -141,7 +141,8 @@ def junit_counts(report: Path) -> dict:
             "failures": failed[:20]}
 
 
-def small_training(cache: str, kind: str, *, res: int = 256, arch="unet", encoder="resnet18"):
+def small_training(cache: str, kind: str, *, device: str, res: int, arch="unet",
+                   encoder="resnet18"):
     """(TimedTraining, loader) of the product's own training step on `kind` batches."""
     from cache.reader import CacheReader
     from training.bench import TimedTraining
@@ -151,37 +152,42 @@ def small_training(cache: str, kind: str, *, res: int = 256, arch="unet", encode
 
     config = resolve_config({"cache": cache, "res": str(res), "batch_size": BATCH,
                              "arch": arch, "encoder": encoder, "encoder_weights": "none",
-                             "device": "cuda", "amp": "bf16", "out": "unused"})
+                             "device": device, "amp": "auto", "out": "unused"})
     env = single_process(config.device)
     loader = build_split_loader(config, env, train=True, kind=kind)
     return TimedTraining(config, loader, CacheReader(cache), env), loader
 
 
 def part_syncs(args) -> dict:
-    """Synchronisations per training step (loader + forward + backward + step), per kind."""
+    """Synchronisations per training step (loader + forward + backward + step), per kind.
+    On the CPU (--device cpu, a rehearsal of the plumbing) the steps run uncounted."""
     import warnings
 
     import torch
 
     from training.engine import train_step
 
+    cuda = args.device == "cuda"
     out = {}
     for kind in ("torch", "dali"):
         try:
-            timed, _ = small_training(args.cache, kind)
+            timed, _ = small_training(args.cache, kind, device=args.device, res=args.small_res)
             timed.images_per_s(3)  # warm-up: lazy inits may sync once
-            torch.cuda.synchronize()
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                torch.cuda.set_sync_debug_mode("warn")
+                if cuda:
+                    torch.cuda.synchronize()
+                    torch.cuda.set_sync_debug_mode("warn")
                 try:
                     for _ in range(SYNC_STEPS):
                         train_step(timed.parts, timed.batches, 1)
                 finally:
-                    torch.cuda.set_sync_debug_mode(0)
+                    if cuda:
+                        torch.cuda.set_sync_debug_mode(0)
             syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
             where = sorted({f"{Path(w.filename).name}:{w.lineno}" for w in syncs})
-            out[kind] = {"syncs_per_step": len(syncs) / SYNC_STEPS, "where": where[:10]}
+            out[kind] = {"syncs_per_step": len(syncs) / SYNC_STEPS if cuda else None,
+                         "where": where[:10], "steps": SYNC_STEPS}
         except Exception as exc:  # the other kind still runs
             out[kind] = {"error": f"{type(exc).__name__}: {exc}"}
     return out
@@ -196,7 +202,7 @@ def part_compare(args) -> dict:
 
     aug = AugmentConfig.square(RES)
     batches = {}
-    for device in ("cuda", "cpu"):
+    for device in (args.device, "cpu"):
         loader = build_loader(args.cache, "train", "dali", train=True, batch_size=BATCH,
                               aug=aug, device=device, seed=11, num_workers=2)
         batches[device] = [(b.image.float().cpu(), b.mask.cpu(), b.rows.cpu())
@@ -204,7 +210,7 @@ def part_compare(args) -> dict:
         del loader
     std = torch.tensor(STD).view(1, 3, 1, 1)
     worst, equal, total = 0.0, 0, 0
-    for (gi, gm, gr), (ci, cm, cr) in zip(batches["cuda"], batches["cpu"]):
+    for (gi, gm, gr), (ci, cm, cr) in zip(batches[args.device], batches["cpu"]):
         if not torch.equal(gr, cr):
             raise RuntimeError("the GPU and CPU pipelines drew different rows")
         worst = max(worst, float(((gi - ci).abs() * std).max()))
@@ -217,6 +223,8 @@ def part_compare(args) -> dict:
 
 def part_held(args) -> dict:
     """A batch the training loop still holds must not change while the loader runs on."""
+    import torch
+
     from loaders import AugmentConfig, build_loader
     from loaders.contract import endless
 
@@ -224,16 +232,15 @@ def part_held(args) -> dict:
     for kind in ("torch", "dali"):
         try:
             loader = build_loader(args.cache, "train", kind, train=True, batch_size=BATCH,
-                                  aug=AugmentConfig.square(RES), device="cuda", seed=3,
+                                  aug=AugmentConfig.square(RES), device=args.device, seed=3,
                                   num_workers=2)
             stream = endless(loader)
             held = next(stream)
             copy = (held.image.clone(), held.mask.clone())
             for _ in range(4):
                 next(stream)
-            import torch
-
-            torch.cuda.synchronize()
+            if args.device == "cuda":
+                torch.cuda.synchronize()
             intact = torch.equal(held.image, copy[0]) and torch.equal(held.mask, copy[1])
             out[kind] = {"intact": intact}
         except Exception as exc:
@@ -406,6 +413,9 @@ def parse(argv=None):
     parser.add_argument("--seconds", type=float, default=60, help=argparse.SUPPRESS)
     parser.add_argument("--raw", help=argparse.SUPPRESS)
     parser.add_argument("--cache", help=argparse.SUPPRESS)
+    # a part on the CPU rehearses its plumbing (tests); the check itself runs on CUDA
+    parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
+    parser.add_argument("--small-res", type=int, default=256, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 

@@ -150,3 +150,23 @@ def test_gpu_check_reads_junit_reports_and_summarises_parts(tmp_path):
 
     outcome = gpu_check.run_part(SimpleNamespace(work=tmp_path, data=None), "held", 30)
     assert outcome == {"ok": False, "seconds": 0, "error": "no data: the data part failed"}
+
+
+@pytest.mark.slow
+def test_gpu_check_parts_rehearsed_on_the_cpu(tmp_path):
+    """The parts that touch the product's loaders and training step run their plumbing on
+    the CPU (--device cpu), so that API drift shows here and not first on a lent GPU."""
+    cache = blocky_cache(tmp_path / "cache.zarr", n_train=9, n_val=2)
+    results = {}
+    for part in ("held", "compare", "syncs"):
+        done = subprocess.run(
+            [sys.executable, str(SCRIPTS / "gpu_check.py"), "--part", part, "--device", "cpu",
+             "--small-res", "64", "--work", str(tmp_path), "--cache", str(cache)],
+            capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        (line,) = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
+        results[part] = json.loads(line[len("RESULT "):])
+    assert results["held"] == {"torch": {"intact": True}, "dali": {"intact": True}}
+    assert results["compare"]["ok"] and results["compare"]["mask_equal_share"] == 1.0
+    for kind in ("torch", "dali"):
+        assert results["syncs"][kind] == {"syncs_per_step": None, "where": [], "steps": 20}
