@@ -14,12 +14,15 @@ source always fills whole batches); the loader trims them away.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from cache.reader import CacheReader
 from loaders.contract import IMAGE_PAD, MASK_PAD, MEAN, STD, AugmentConfig
 from loaders.order import batch_count, shard_indices
 from loaders.sampling import SampleParams, draw_train_sample, eval_sample
+from loaders.workers import die_with_parent, keep_serving_on_termination
 
 # Layout of the float32 per-sample parameter vector the source hands to the graph.
 P_OUT_H, P_OUT_W, P_FLIP, P_BRIGHTNESS, P_CONTRAST, P_SATURATION, P_HUE = range(7)
@@ -54,6 +57,7 @@ class WindowSource:
             self.batches_per_epoch = min(self.batches_per_epoch, batches_per_epoch)
         self.samples_per_epoch = self.batches_per_epoch * batch_size
         self._orders: dict[int, np.ndarray] = {}   # per-process memo of a pure function
+        self._main_pid = self._guarded_pid = os.getpid()  # workers: see __call__
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -63,8 +67,6 @@ class WindowSource:
     def __setstate__(self, state):
         # Unpickled in a spawned DALI worker: a fresh interpreter, so the worker's signal
         # handling is installed here (forked workers inherit it; loaders/workers.py).
-        from loaders.workers import keep_serving_on_termination
-
         self.__dict__.update(state)
         keep_serving_on_termination()
 
@@ -99,6 +101,10 @@ class WindowSource:
         return names + ("row",)
 
     def __call__(self, sample_info):
+        if self._guarded_pid != os.getpid():   # first call in this (worker) process
+            self._guarded_pid = os.getpid()
+            if self._guarded_pid != self._main_pid:
+                die_with_parent(self._main_pid)
         p = self.sample_params(sample_info.idx_in_epoch)
         image, mask = self.cache.read_window(self.split, p.row, p.y, p.x, p.h, p.w)
         outputs = {

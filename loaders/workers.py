@@ -8,11 +8,15 @@
   (training/preempt.py), which may still need batches: so a worker keeps serving, and exits
   by itself `GRACE_SECONDS` later if nobody has shut it down gently by then (the loaders'
   own forced shutdown after a failure also sends SIGTERM, and must not wait forever).
+- SIGKILL of the main process (the OOM killer, a scheduler past its grace period) leaves no
+  one to shut the workers down: on Linux a worker asks the kernel to kill it when its parent
+  dies (torch's DataLoader workers already watch their parent).
 """
 from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 from contextlib import contextmanager
 
@@ -51,3 +55,23 @@ def worker_signals():
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """In a worker process (Linux): SIGKILL this process when its parent dies, and exit now if
+    the parent died already. Without it a DALI source worker outlives a SIGKILLed main
+    process for as long as it waits, holding the cache's files and shared memory."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the parent went before the request took effect
+        os._exit(0)
