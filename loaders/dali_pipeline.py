@@ -127,6 +127,25 @@ class WindowSource:
         return height * width * (4 if self.has_masks else 3) + 1024
 
 
+def source_nodes(source: WindowSource, py_num_workers: int, prefetch: int = 2) -> dict:
+    """The external source of a pipeline being defined (inside `with pipe:`): name -> node of
+    `source.output_names`, read by DALI's parallel Python workers (in this process with no
+    workers: debugging, tiny splits)."""
+    from nvidia.dali import fn, types
+
+    names = source.output_names
+    kinds = {"image": ("HWC", types.UINT8), "mask": ("HWC", types.UINT8),
+             "params": ("", types.FLOAT), "row": ("", types.INT64)}
+    parallel = {}
+    if py_num_workers > 0:
+        parallel = dict(parallel=True, prefetch_queue_depth=prefetch,
+                        bytes_per_sample_hint=source.max_window_bytes())
+    outs = fn.external_source(source=source, batch=False, num_outputs=len(names), **parallel,
+                              layout=[kinds[n][0] for n in names],
+                              dtype=[kinds[n][1] for n in names])
+    return dict(zip(names, outs))
+
+
 def build_pipeline(source: WindowSource, *, batch_size: int, device_id: int | None,
                    num_threads: int, py_num_workers: int, py_start_method: str,
                    prefetch_queue_depth: int = 2, source_prefetch: int = 2,
@@ -144,18 +163,8 @@ def build_pipeline(source: WindowSource, *, batch_size: int, device_id: int | No
                     seed=source.seed, prefetch_queue_depth=prefetch_queue_depth,
                     py_num_workers=py_num_workers, py_start_method=py_start_method,
                     exec_dynamic=True)
-    names = source.output_names
-    kinds = {"image": ("HWC", types.UINT8), "mask": ("HWC", types.UINT8),
-             "params": ("", types.FLOAT), "row": ("", types.INT64)}
     with pipe:
-        parallel = {}
-        if py_num_workers > 0:  # else the source runs in this process (debugging, tiny splits)
-            parallel = dict(parallel=True, prefetch_queue_depth=source_prefetch,
-                            bytes_per_sample_hint=source.max_window_bytes())
-        outs = fn.external_source(
-            source=source, batch=False, num_outputs=len(names), **parallel,
-            layout=[kinds[n][0] for n in names], dtype=[kinds[n][1] for n in names])
-        nodes = dict(zip(names, outs))
+        nodes = source_nodes(source, py_num_workers, source_prefetch)
         image, mask, params, row = (nodes.get(n) for n in ("image", "mask", "params", "row"))
         if device_id is not None:
             image = image.gpu()

@@ -53,11 +53,10 @@ def dali_host_batches(cache: str | os.PathLike, split: str = "train", *, batch_s
     external source's own (image window, mask window, params, row TensorLists), read by
     `WindowSource` in DALI's Python workers exactly as for the GPU graph, with no pixel
     operator after them. Workers default to the loader's choice for a GPU."""
-    from nvidia.dali import fn, types
     from nvidia.dali.pipeline import Pipeline
 
     from loaders.dali_loader import require_dali, source_start_method
-    from loaders.dali_pipeline import WindowSource
+    from loaders.dali_pipeline import WindowSource, source_nodes
 
     require_dali()
     start_method = start_method or source_start_method(None)  # fork unless CUDA is initialised
@@ -69,18 +68,8 @@ def dali_host_batches(cache: str | os.PathLike, split: str = "train", *, batch_s
     pipe = Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=None, seed=seed,
                     py_num_workers=num_workers, py_start_method=start_method,
                     exec_dynamic=True)
-    names = source.output_names
-    kinds = {"image": ("HWC", types.UINT8), "mask": ("HWC", types.UINT8),
-             "params": ("", types.FLOAT), "row": ("", types.INT64)}
     with pipe:
-        parallel = {}
-        if num_workers > 0:
-            parallel = dict(parallel=True, prefetch_queue_depth=2,
-                            bytes_per_sample_hint=source.max_window_bytes())
-        outs = fn.external_source(source=source, batch=False, num_outputs=len(names),
-                                  layout=[kinds[n][0] for n in names],
-                                  dtype=[kinds[n][1] for n in names], **parallel)
-        pipe.set_outputs(*outs)
+        pipe.set_outputs(*source_nodes(source, num_workers).values())
     pipe.build()
     try:
         while True:

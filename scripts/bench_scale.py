@@ -42,22 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 
 # -- process trees -----------------------------------------------------------------------
-def process_tree(root_pid: int) -> list[int]:
-    """root_pid and its descendants."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    children.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(entry))
-            except (OSError, IndexError, ValueError):
-                continue
-    tree, todo = [], [root_pid]
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo += children.get(pid, [])
-    return tree
+from bench_loader import process_tree  # noqa: E402  (root pid and its descendants, from /proc)
 
 
 def peak_rss_bytes(pid: int) -> int:

@@ -41,3 +41,13 @@ def _cpu_unless_gpu_test(request, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     yield
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread (for tests that train models): the test machine's 2 cores are
+    shared, and OpenMP spinning on a busy core makes 2 threads several times slower than 1."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

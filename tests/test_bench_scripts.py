@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import mmap
 import os
 import subprocess
 import sys
@@ -43,8 +44,13 @@ def test_bench_accounts_for_the_process_tree_and_plans_kinds():
     assert 0 < pss <= rss
     before, faults_before = bench.cpu_and_faults([os.getpid()])
     sum(i * i for i in range(2_000_000))
-    touched = bytearray(64 * 2**20)  # fresh pages: each first touch is a minor fault
-    touched[::4096] = b"x" * len(touched[::4096])
+    # A fresh anonymous mapping, small pages: each first touch is a minor fault (a bytearray
+    # could reuse pages the allocator already holds, after the tests before this one).
+    touched = mmap.mmap(-1, 64 * 2**20)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        touched.madvise(mmap.MADV_NOHUGEPAGE)
+    for offset in range(0, len(touched), 4096):
+        touched[offset] = 1
     after, faults_after = bench.cpu_and_faults([os.getpid()])
     assert after > before and faults_after - faults_before >= 64 * 2**20 // 4096 // 2
     assert bench.plan(["png", "dali"], ["cpu", "host", "cuda"]) == [

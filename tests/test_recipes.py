@@ -21,12 +21,7 @@ PHASE_ONE, PHASE_TWO = "deeplabv3plus_r101_coarse.yaml", "deeplabv3plus_r101_fin
 AIMS_AT = re.compile(r"^# Aims at[^:]*: (\d+(?:\.\d+)?) % (?:val|test-set) mIoU", re.M)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -23,14 +23,7 @@ TINY_UNET = {"encoder_depth": 3, "decoder_channels": [64, 32, 16]}
 LEARNING_STEPS, LEARNING_MIOU = 40, 0.30
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: the test machine's 2 cores are shared, and OpenMP spinning on a
-    busy core makes 2 threads several times slower than 1."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny_config(cache, out, **changes):

@@ -21,12 +21,7 @@ TINY = ["--loader", "torch", "--arch", "unet", "--encoder", "resnet18", "--encod
         "--log-every", "1", "--lr", "0.05"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def invoke(command, args: list[str]):
