@@ -6,8 +6,9 @@
 - SIGTERM (scancel, preemption, a scheduler's time limit) and SIGUSR1 (SLURM's warning) also
   reach every process of a job. The main process then finishes its step and checkpoints
   (training/preempt.py), which may still need batches: so a worker keeps serving, and exits
-  by itself `GRACE_SECONDS` later if nobody has shut it down gently by then (the loaders'
-  own forced shutdown after a failure also sends SIGTERM, and must not wait forever).
+  by itself `GRACE_SECONDS` later if nobody has shut it down gently by then. A SIGTERM from
+  the worker's own parent (the loader's forced shutdown) ends it at once, as torch's own
+  worker handler does: a thread in the worker reads the sender of each signal.
 - SIGKILL of the main process (the OOM killer, a scheduler past its grace period) leaves no
   one to shut the workers down: on Linux a worker asks the kernel to kill it when its parent
   dies (torch's DataLoader workers already watch their parent).
@@ -25,36 +26,71 @@ TERMINATION_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUS
                             if hasattr(signal, name))
 
 
-def _serve_on(signum, frame) -> None:
-    timer = threading.Timer(GRACE_SECONDS, os._exit, args=(0,))
-    timer.daemon = True
-    timer.start()
+_watching_pid: int | None = None   # the process whose watcher thread runs
+_starting_workers = False          # set in the main process while it forks DALI's workers
 
 
 def keep_serving_on_termination(worker_id: int | None = None) -> None:
-    """Install the worker's SIGTERM/SIGUSR1 handling (a DataLoader worker_init_fn; DALI's
-    spawned workers call it when they unpickle their source)."""
-    for signum in TERMINATION_SIGNALS:
-        signal.signal(signum, _serve_on)
+    """In a worker process (a DataLoader worker_init_fn; DALI's workers when they are forked
+    or unpickle their source): SIGTERM/SIGUSR1 are taken by a thread that reads who sent them
+    (sigwaitinfo). From the parent (its loader shutting it down): exit at once. From anyone
+    else (a scheduler signalling the whole job): keep serving, and exit GRACE_SECONDS later
+    if not shut down gently by then."""
+    global _watching_pid
+    if _watching_pid == os.getpid():
+        return
+    _watching_pid = os.getpid()
+    if not hasattr(signal, "sigwaitinfo"):   # not POSIX: leave the default behaviour
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, TERMINATION_SIGNALS)
+    parent = os.getppid()
+
+    def watch() -> None:
+        grace = None
+        while True:
+            info = signal.sigwaitinfo(TERMINATION_SIGNALS)
+            if info.si_pid == parent or os.getppid() != parent:
+                os._exit(0)
+            if grace is None:
+                grace = threading.Timer(GRACE_SECONDS, os._exit, args=(0,))
+                grace.daemon = True
+                grace.start()
+
+    threading.Thread(target=watch, name="termination-watch", daemon=True).start()
+
+
+def _after_fork_in_child() -> None:
+    if _starting_workers:
+        keep_serving_on_termination()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 @contextmanager
 def worker_signals():
-    """While worker processes are forked or spawned from this (main) thread: SIGINT ignored
-    (inherited by forked and by spawned workers alike) and SIGTERM/SIGUSR1 handled as in
-    `keep_serving_on_termination` (inherited by forked workers); the main process's own
-    handlers are back afterwards."""
+    """While DALI forks or spawns its workers from this (main) thread: SIGINT ignored, which
+    forked and spawned workers inherit (a Ctrl-C in these few seconds is dropped: press it
+    again); SIGTERM/SIGUSR1 blocked in this thread only, so that the workers start with them
+    blocked (the mask survives fork and exec) until their watcher takes them, while this
+    process still gets them on its other threads, or right after, in its own handlers."""
+    global _starting_workers
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN)}
-    for signum in TERMINATION_SIGNALS:
-        previous[signum] = signal.signal(signum, _serve_on)
+    previous_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous_mask = None
+    if hasattr(signal, "pthread_sigmask"):
+        previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, TERMINATION_SIGNALS)
+    _starting_workers = True
     try:
         yield
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        _starting_workers = False
+        if previous_mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
+        signal.signal(signal.SIGINT, previous_int)
 
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h

@@ -65,3 +65,26 @@ def test_workers_die_with_a_sigkilled_main_process(tmp_path, kind):
             main.kill()
         for w in children(main.pid) if main.poll() is None else ():
             os.kill(w, signal.SIGKILL)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="sigwaitinfo and /proc are Linux's")
+def test_a_worker_serves_through_a_schedulers_sigterm_and_stops_on_its_parents(tmp_path):
+    """SIGTERM from another process (a scheduler) is survived; from the loader's own process
+    (its forced shutdown) it ends the worker at once, so shutting down never waits."""
+    from loaders.contract import AugmentConfig, build_loader
+
+    cache = blocky_cache(tmp_path / "c.zarr", n_train=8, n_val=1, height=64, width=128, tile=64)
+    loader = build_loader(cache, "train", "torch", train=True, batch_size=2,
+                          aug=AugmentConfig(crop=(64, 64)), num_workers=1)
+    batches = iter(loader)
+    next(batches)
+    worker = loader._stream._workers[0].pid       # the DataLoader's one worker process
+    subprocess.run(["kill", "-TERM", str(worker)], check=True)       # not the parent
+    time.sleep(1.0)
+    assert alive(worker)
+    assert next(batches).image.shape == (2, 3, 64, 64)               # still serving
+    os.kill(worker, signal.SIGTERM)                                   # the parent
+    deadline = time.monotonic() + 5
+    while alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(worker)
