@@ -114,8 +114,10 @@ def check_request(cache_path: str, info: "SplitInfo", *, train: bool, batch_size
         raise UserError(f"crop {crop_h}x{crop_w} is more than {MAX_CROP_TO_FRAME}x the frames of "
                         f"split {info.name!r} ({info.height}x{info.width}); choose a smaller crop")
     if train and len(chosen) // world_size < batch_size:
+        most = max(1, len(chosen) // world_size)
         raise UserError(f"split {info.name!r} has {len(chosen)} frames to train on: too few for "
-                        f"one training batch of {batch_size} on each of {world_size} rank(s)")
+                        f"one training batch of {batch_size} on each of {world_size} rank(s); "
+                        f"use --batch-size {most} or less")
     return chosen
 
 

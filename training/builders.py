@@ -91,14 +91,19 @@ def resolve_class_weights(spec: str | None, reader) -> str | None:
 
     from cache.format import STATS_FILE
 
-    stats = Path(reader.path) / STATS_FILE
+    stats = Path(reader.path).absolute() / STATS_FILE
     if spec in CACHE_WEIGHT_METHODS:   # a method name alone: the cache's own stats.json
         if not stats.is_file():
             raise UserError(f"--class-weights {spec}: no {stats}; write it with "
                             f"`dataprep stats --cache {reader.path}`")
         return f"{stats}:{spec}"
+    if spec is None or spec == "none":
+        return None
     if spec != "auto":
-        return spec
+        from training.losses import split_weights_spec
+
+        path, method = split_weights_spec(spec)
+        return f"{path.absolute()}:{method}"     # a resume from another folder finds it
     return f"{stats}:enet" if stats.is_file() else None
 
 
@@ -107,13 +112,14 @@ def resolve_defaults(config: TrainConfig, reader, env: DistEnv) -> TrainConfig:
     (device, precision, memory format, class weights, lr, weight decay, epochs), so that the
     saved config.yaml alone reproduces the run."""
     from dataclasses import replace
+    from pathlib import Path
 
     epochs = config.resolved_epochs if config.iters is None else None
     return replace(config, device=str(env.device), amp=resolve_amp(config.amp, env.device),
                    channels_last=resolve_channels_last(config.channels_last, env.device),
                    class_weights=resolve_class_weights(config.class_weights, reader),
                    lr=config.resolved_lr, weight_decay=config.resolved_weight_decay,
-                   epochs=epochs, cache=str(reader.path))
+                   epochs=epochs, cache=str(Path(reader.path).absolute()))
 
 
 def build_criterion(config: TrainConfig, reader, device: torch.device) -> nn.Module:

@@ -153,8 +153,8 @@ def parse_scales(text: str) -> tuple[float, ...]:
               "[default: $CITYSCAPES_CACHE, else ./cityscapes.zarr]")
 @click.option("--split", default="val", show_default=True, metavar="NAME",
               help="Split to score (or export).")
-@click.option("--loader", default="torch", show_default=True, metavar="torch|dali",
-              help="Loader kind.")
+@click.option("--loader", default=None, metavar="torch|dali",
+              help="Loader kind.  [default: the one the run validated with]")
 @click.option("--batch-size", default=1, type=int, show_default=True, metavar="N",
               help="Frames per forward pass.")
 @click.option("--tta", default="1.0", show_default=True, metavar="SCALES",

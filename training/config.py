@@ -105,6 +105,8 @@ class TrainConfig:
                 out[key] = list(value)
             if key in NONE_WORDS and value is None:
                 out[key] = "none"
+            if key == "workers" and value is None:
+                out[key] = "auto"   # per machine and rank: a resume elsewhere decides anew
         return out
 
 
@@ -210,6 +212,15 @@ def _scale(value, name):
     return pair
 
 
+def _auto(parse: Callable) -> Callable:
+    """None, "none" or "auto" -> None (decided at run time, per machine), else `parse`."""
+    def wrapped(value, name):
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return None
+        return _optional(parse)(value, name)
+    return wrapped
+
+
 def _optional(parse: Callable) -> Callable:
     def wrapped(value, name):
         if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null")):
@@ -238,7 +249,7 @@ PARSERS: dict[str, Callable] = {
     "eval_every": _optional(_int(1)), "log_every": _int(1), "checkpoint_every": _optional(_int(1)),
     "res": _res, "scale": _scale, "eval_scale": _float(0.0, strict=True),
     "flip_prob": _float(0.0), "jitter": _bool, "cat_max_ratio": _optional(_float(0.0, strict=True)),
-    "workers": _optional(_int(0)), "device": _optional(_str), "seed": _int(0),
+    "workers": _auto(_int(0)), "device": _optional(_str), "seed": _int(0),
     "limit": _optional(_int(1)), "sync_bn": _bool, "deterministic": _bool, "plots": _bool,
     "tensorboard": _bool,
     "init_from": _optional(_str), "folds": _optional(_int(2)), "fold": _optional(_int(0)),
@@ -312,8 +323,15 @@ def resolve_config(flags: dict, config_file: str | None = None, *, resume: bool 
         elif "cache" not in flags and "cache" not in file_values:
             raise UserError(f"--resume: no run to resume in --out {out} (no "
                             f"{' or '.join(CONFIG_NAMES)}); check --out, or give --cache to start it")
-    values.update(file_values)
     given = parse_values(flags, "command line")
+    # --iters or --epochs over a saved run or a file replaces the other one there (a finished
+    # run is extended with either)
+    for later, earlier in ((file_values, [values]), (given, [values, file_values])):
+        for one, other in (("iters", "epochs"), ("epochs", "iters")):
+            if later.get(one) is not None and other not in later:
+                for source in earlier:
+                    source.pop(other, None)
+    values.update(file_values)
     if "model_kwargs" in given:    # --model-arg sets single keys of the file's model_kwargs
         given["model_kwargs"] = {**values.get("model_kwargs", {}), **given["model_kwargs"]}
     values.update(given)
@@ -367,13 +385,16 @@ def validate(config: TrainConfig) -> TrainConfig:
     return config
 
 
-def save_config(config: TrainConfig, run_dir: str | os.PathLike) -> Path:
-    """Write the resolved config into the run dir (YAML where PyYAML is installed), atomically."""
+def save_config(config: TrainConfig, run_dir: str | os.PathLike,
+                notes: list[str] = ()) -> Path:
+    """Write the resolved config into the run dir (YAML where PyYAML is installed), atomically;
+    `notes` become trailing comments (what "auto" resolved to on this machine)."""
     data = config.to_dict()
     try:
         import yaml
 
         path, text = Path(run_dir) / "config.yaml", yaml.safe_dump(data, sort_keys=False)
+        text += "".join(f"# {note}\n" for note in notes)
     except ImportError:
         path, text = Path(run_dir) / "config.json", json.dumps(data, indent=2) + "\n"
     tmp = path.with_name(path.name + ".tmp")

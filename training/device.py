@@ -51,7 +51,9 @@ def resolve_device(requested: str | torch.device | None, local_rank: int = 0, *,
         if not torch.cuda.is_available():
             raise UserError(f"--device {requested}: CUDA is not available on this machine")
         if device.index is None or under_torchrun:
-            device = torch.device("cuda", local_rank)
+            # modulo: a launcher that shows each rank only its own GPU(s) (per-task
+            # CUDA_VISIBLE_DEVICES) leaves LOCAL_RANK beyond the visible count
+            device = torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
         if device.index >= torch.cuda.device_count():
             raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} "
                             "CUDA device(s)")

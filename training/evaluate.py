@@ -20,7 +20,7 @@ import torch
 
 from cache.errors import UserError
 from cache.reader import CacheReader, SplitInfo
-from training.device import autocast_context, resolve_device, synchronize
+from training.device import autocast_context, resolve_device, synchronize, use_device
 from training.export import PngWriter, frame_file_stem, prepare_export_dir
 
 NO_SCORES = {"miou": None, "class_iou": {}, "pixel_accuracy": None, "category_iou": {},
@@ -81,6 +81,7 @@ def open_evaluation(checkpoint, cache, split: str, *, device, eval_scale: float,
     from training.checkpoint import load_for_eval
 
     device = resolve_device(device)
+    use_device(device)       # side threads (pin memory, DALI) open their context there
     reader = CacheReader(cache)
     info = reader.split(split)
     check_options(checkpoint, info, **checked)
@@ -92,7 +93,20 @@ def open_evaluation(checkpoint, cache, split: str, *, device, eval_scale: float,
     return EvalSetup(reader, info, device, aug, autocast, model, meta)
 
 
-def run_evaluate(checkpoint, cache, split: str = "val", *, loader: str = "torch",
+def evaluation_loader(meta: dict) -> str:
+    """The loader kind the run validated with (so that `evaluate` reproduces the run's own
+    scores to the last digit: the kinds resize whole frames with slightly different filters),
+    or torch where that is DALI and DALI is not installed here."""
+    kind = meta.get("loader", "torch")
+    if kind == "dali":
+        try:
+            import nvidia.dali  # noqa: F401
+        except ImportError:
+            return "torch"
+    return kind
+
+
+def run_evaluate(checkpoint, cache, split: str = "val", *, loader: str | None = None,
                  batch_size: int = 1, tta_scales: Sequence[float] = (1.0,), tta_flip: bool = False,
                  json_path=None, export_dir=None, visualize_dir=None, device=None,
                  limit: int | None = None, eval_scale: float = 1.0, num_workers: int | None = None,
@@ -117,6 +131,7 @@ def run_evaluate(checkpoint, cache, split: str = "val", *, loader: str = "torch"
                             visualize_dir=visualize_dir, json_path=json_path,
                             tta_scales=tta["tta_scales"])
     info = setup.info
+    loader = loader or evaluation_loader(setup.meta)
     export = prepare_export_dir(export_dir) if export_dir is not None else None
     vis = Path(visualize_dir) if visualize_dir is not None else None
     batches = build_loader(cache, split, loader, train=False, batch_size=batch_size, aug=setup.aug,

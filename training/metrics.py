@@ -77,7 +77,12 @@ class ConfusionMatrix:
         # Uncounted pixels go to one extra bin that is dropped: no boolean indexing, so no
         # device-to-host sync to learn the selection's size.
         index = torch.where(counted, target.to(small) * (k + 1) + pred, k * (k + 1))
-        bins = torch.bincount(index.flatten(), minlength=k * (k + 1) + 1)
+        flat = index.flatten()
+        if flat.is_cuda:   # bincount asks the GPU for max() first: a sync per batch
+            bins = torch.zeros(k * (k + 1) + 1, dtype=torch.int64, device=flat.device)
+            bins.index_add_(0, flat.long(), torch.ones_like(flat, dtype=torch.int64))
+        else:
+            bins = torch.bincount(flat, minlength=k * (k + 1) + 1)
         if self.counts is None:
             self.counts = self._zeros(bins.device)
         self.counts += bins[: k * (k + 1)].view(k, k + 1)

@@ -123,6 +123,30 @@ def hub_offline():
         constants.HF_HUB_OFFLINE = before
 
 
+def check_model_args(key: str, encoder: str, kw: dict) -> None:
+    """Refuse --model-arg keys the architecture does not name: smp passes unknown keys on to
+    the encoder, where most encoders drop them without a word (a typo would train the wrong
+    model). timm encoders (tu-...) take their own keys, so those pass."""
+    import difflib
+    import inspect
+
+    if encoder.startswith("tu-"):
+        return
+    cls = architectures()[key]
+    known = [name for name, param in inspect.signature(cls.__init__).parameters.items()
+             if name != "self" and param.kind not in (param.VAR_KEYWORD, param.VAR_POSITIONAL)]
+    for name in kw:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise UserError(f"--model-arg {name}: {cls.__name__} has no such argument{hint}; "
+                            f"it takes: {', '.join(k for k in known if k not in RESERVED_ARGS)}")
+
+
+# Arguments the command line sets itself (--encoder, --encoder-weights, the cache's classes).
+RESERVED_ARGS = ("encoder_name", "encoder_weights", "in_channels", "classes")
+
+
 def build_model(arch: str, encoder: str, num_classes: int, encoder_weights: str | None = None,
                 **kw) -> nn.Module:
     """smp.create_model with our error handling. `kw` goes to the architecture (e.g.
@@ -130,6 +154,7 @@ def build_model(arch: str, encoder: str, num_classes: int, encoder_weights: str 
     import segmentation_models_pytorch as smp
 
     key = canonical_arch(arch)
+    check_model_args(key, encoder, kw)
     if isinstance(encoder_weights, str) and encoder_weights.strip().lower() in ("none", ""):
         encoder_weights = None
     requested = encoder_weights

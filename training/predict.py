@@ -393,7 +393,7 @@ def run_predict(checkpoint, input_spec, out_dir, *, video_path=None, fps: float 
     from rich.console import Console
 
     from training.checkpoint import load_for_eval
-    from training.device import autocast_context, resolve_device
+    from training.device import autocast_context, resolve_device, use_device
 
     console = console or Console(stderr=True)
     tta_scales = tuple(float(s) for s in tta_scales)
@@ -405,6 +405,7 @@ def run_predict(checkpoint, input_spec, out_dir, *, video_path=None, fps: float 
     out = prepare_out_dir(out_dir)
     video = check_video_path(video_path, out)
     device = resolve_device(device)
+    use_device(device)
     autocast = autocast_context(amp, device)
     model, meta = load_for_eval(checkpoint, device)
     record = {

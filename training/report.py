@@ -30,10 +30,18 @@ def describe_loader(loader, kind: str) -> str:
     return f"torch: {workers} DataLoader worker(s) on the CPU do all the augmentation"
 
 
+def describe_validation(every: int, total: int) -> str:
+    if every >= total:
+        return f"validation at the end (step {total})"
+    return f"validation every {every} steps and at the end"
+
+
 def describe_class_weights(spec: str | None) -> str:
+    """The loss's class weights, as the run's opening lines show them."""
     if spec is None:
-        return "none (`dataprep stats` writes the cache's stats.json; then enet is the default)"
-    return f"{spec} (--class-weights none to train without)"
+        return ("none (`dataprep stats` writes the cache's stats.json; then ENet weights are "
+                "the default)")
+    return f"{spec} (class weights of the loss; --class-weights none to train without)"
 
 
 def banner_lines(trainer: "Trainer") -> list[str]:
@@ -53,12 +61,22 @@ def banner_lines(trainer: "Trainer") -> list[str]:
         f"  data        {config.cache}: {config.train_split} {train_frames} frames, "
         f"{config.val_split} {val_frames} frames"
         + (f" (--limit {config.limit})" if config.limit else ""),
-        f"  steps       {trainer.steps_per_epoch} per epoch x {epochs:g} epochs = "
+        f"  steps       {trainer.steps_per_epoch} per epoch x {epochs:.4g} epochs = "
         f"{trainer.total_steps} steps of {config.batch_size * config.grad_accum * env.world_size} "
-        f"frames{start}; validation every {config.eval_every} steps",
-        f"  class weights {describe_class_weights(config.class_weights)}",
+        f"frames{start}; {describe_validation(config.eval_every, trainer.total_steps)}",
+        f"  weights     {describe_class_weights(config.class_weights)}",
         f"  run dir     {trainer.run_dir} (config.yaml, metrics.jsonl, last.pt, best.pt)",
     ]
+
+
+def wait_verdict(share: float, device: torch.device, loader: str) -> str:
+    if share < 0.05:
+        return "the loader kept up"
+    if device.type != "cuda":
+        return ("the CPU both loads and trains here, so they share its cores; on a GPU the "
+                "loading overlaps the step")
+    advice = "more --workers" if loader == "dali" else "more --workers, or --loader dali"
+    return f"the GPU waited for data: {advice}"
 
 
 def summary_lines(trainer: "Trainer") -> list[str]:
@@ -71,8 +89,7 @@ def summary_lines(trainer: "Trainer") -> list[str]:
     share = trainer.timing.wait_share
     if share is not None:
         seconds = trainer.timing.seconds / max(1, trainer.timing.steps)
-        verdict = ("the loader kept up" if share < 0.05 else
-                   "the model waited for data: more --workers, or --loader dali on a GPU")
+        verdict = wait_verdict(share, trainer.env.device, trainer.config.loader)
         lines.append(f"  data wait   {100 * share:.1f}% of {seconds * 1000:.0f} ms per step "
                      f"({verdict})")
     lines += [f"  run dir     {run_dir}",

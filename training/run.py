@@ -93,14 +93,15 @@ class TrainProgress:
         if console is None:
             return
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
+                                   TimeRemainingColumn)
 
+        # Fits 80 columns whole (the step count, wait share and ETA matter most; the learning
+        # rate and the elapsed time are in metrics.jsonl).
         self.progress = Progress(
-            TextColumn("[bold]train[/] ep {task.fields[epoch]}"), BarColumn(),
+            TextColumn("[bold]ep[/] {task.fields[epoch]}"), BarColumn(bar_width=12),
             MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-            TextColumn("lr {task.fields[lr]}"), TextColumn("{task.fields[ips]} img/s"),
-            TextColumn("data wait {task.fields[wait]}"),
-            TimeElapsedColumn(), TimeRemainingColumn(), console=console)
+            TextColumn("{task.fields[ips]} img/s"), TextColumn("wait {task.fields[wait]}"),
+            TimeRemainingColumn(), console=console)
         self.task = self.progress.add_task("train", total=total, completed=completed, epoch=0,
                                            loss="-", lr="-", ips="-", wait="-")
         self.progress.start()
@@ -202,7 +203,7 @@ class Trainer:
         self.val_loader = build_split_loader(config, env, train=False, fold=self.fold)
         self.steps_per_epoch = self._steps_per_epoch()
         self._keep_loader_streams()
-        self.config = config = replace(config, workers=self.train_loader.num_workers,
+        self.config = config = replace(config,
                                        eval_every=config.eval_every or self.steps_per_epoch)
         self.total_steps = config.iters or config.resolved_epochs * self.steps_per_epoch
         self.parts = build_parts(config, self.meta, self.reader, env, self.total_steps)
@@ -273,11 +274,17 @@ class Trainer:
         check_compatible(data["meta"], self.meta, last)
         return last, data
 
+    def _machine_notes(self) -> list[str]:
+        """What this machine made of the per-machine settings (comments in config.yaml)."""
+        return [f"on this machine: {self.env.device}, {self.env.world_size} rank(s); loader "
+                f"workers per rank: train {self.train_loader.num_workers}, val "
+                f"{self.val_loader.num_workers}"]
+
     def _prepare_run_dir(self, resumed: bool) -> None:
         from training.plots import truncate_metrics
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(self.config, self.run_dir)
+        save_config(self.config, self.run_dir, notes=self._machine_notes())
         if self.fold is not None:
             from training.folds import write_fold_file
 
