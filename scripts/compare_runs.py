@@ -30,6 +30,8 @@ def main(runs, eval_name, markdown_path):
     from rich.console import Console
     from rich.table import Table
 
+    from dataprep.cli import print_uncut
+
     from training.run_reports import (COMPARE_COLUMNS, comparison_row, markdown_table,
                                       missing_notes, table_cells)
 
@@ -43,10 +45,10 @@ def main(runs, eval_name, markdown_path):
     else:
         table = Table(title="Runs compared")
         for i, title in enumerate(header):
-            table.add_column(title, justify="right" if i >= 5 else "left")
+            table.add_column(title, justify="right" if i >= 5 else "left", no_wrap=True)
         for line in cells:
             table.add_row(*line)
-        console.print(table)
+        print_uncut(console, table)        # numbers are never cut, at 80 columns or in a log
         if markdown_path:
             Path(markdown_path).write_text(markdown)
             console.print(f"Markdown table in {markdown_path}")

@@ -30,6 +30,8 @@ def main(runs, pick, json_path, markdown_path):
     from rich.console import Console
     from rich.table import Table
 
+    from dataprep.cli import print_uncut
+
     from training.run_reports import cv_summary, markdown_table, pct
 
     summary = cv_summary(runs, pick)
@@ -46,10 +48,10 @@ def main(runs, pick, json_path, markdown_path):
                                                  (class_header, class_cells, None, 1)):
         table = Table(title=caption)
         for i, name in enumerate(header):
-            table.add_column(name, justify="left" if i < text_columns else "right")
+            table.add_column(name, justify="left" if i < text_columns else "right", no_wrap=True)
         for line in cells:
             table.add_row(*line)
-        console.print(table)
+        print_uncut(console, table)        # numbers are never cut, at 80 columns or in a log
     for note in summary["notes"]:
         console.print(f"note: {note}")
     if json_path:

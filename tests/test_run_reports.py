@@ -78,6 +78,7 @@ def test_compare_script_prints_markdown_and_a_rich_table(runs, tmp_path):
     assert "note: c: no eval.json" in done.stderr
     shown = script("compare_runs.py", runs / "a", runs / "b", "--markdown", tmp_path / "t.md")
     assert shown.returncode == 0 and "Runs compared" in shown.stdout and "80.09" in shown.stdout
+    assert "…" not in shown.stdout and "GFLOPs" in shown.stdout     # a pipe: 80 columns, uncut
     assert (tmp_path / "t.md").read_text().count("\n") == 4
     bad = script("compare_runs.py", tmp_path / "nowhere")
     assert bad.returncode == 1 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
