@@ -75,22 +75,91 @@ def open_group(path: str, *, split: str | None = None, mode: str = "r"):
 
 
 def split_group_names(root) -> list[str]:
-    """The splits of an open cache root (zarr group): its child groups, sorted."""
+    """The splits of an open cache root (zarr group): its child groups, sorted. Read from the
+    folder's own zarr.json files where the store is a local folder (zarr's listing would warn
+    about stats.json and .lock, and raise its parser's error from a task for a garbled child);
+    a child whose zarr.json cannot be read is a CacheError naming that file."""
+    import os
     import warnings
 
+    location = getattr(getattr(root, "store", None), "root", None)
+    if location is not None and os.path.isdir(os.path.join(str(location), root.path or "")):
+        folder = os.path.join(str(location), root.path or "")
+        for name, problem in damaged_children(folder).items():
+            raise CacheError(f"{problem}; the cache is damaged: rebuild that split with "
+                             f"`dataprep build --force --splits {name}`")
+        return sorted(name for name, kind in child_nodes(folder).items() if kind == "group")
     with warnings.catch_warnings():
         # stats.json sits in the root by contract; zarr warns that it is not a node
         warnings.filterwarnings("ignore", message=".*not recognized as a component")
         return sorted(name for name, _ in root.groups())
 
 
+def child_nodes(path: str) -> dict[str, str]:
+    """name -> node_type ("group", "array") of the Zarr nodes directly inside a local folder."""
+    import json
+    import os
+
+    nodes = {}
+    for entry in os.scandir(path):
+        meta = os.path.join(entry.path, "zarr.json")
+        if entry.is_dir() and os.path.isfile(meta):
+            try:
+                with open(meta) as f:
+                    nodes[entry.name] = json.load(f).get("node_type")
+            except (OSError, ValueError, AttributeError):
+                continue
+    return nodes
+
+
+def damaged_children(path: str) -> dict[str, str]:
+    """name -> problem of each folder of the cache root whose zarr.json does not parse as a
+    Zarr v3 node."""
+    import json
+    import os
+
+    damaged = {}
+    for entry in sorted(os.scandir(path), key=lambda e: e.name):
+        meta = os.path.join(entry.path, "zarr.json")
+        if not entry.is_dir() or not os.path.isfile(meta):
+            continue
+        try:
+            with open(meta) as f:
+                doc = json.load(f)
+            if not isinstance(doc, dict) or doc.get("zarr_format") != 3 or \
+                    doc.get("node_type") not in ("group", "array"):
+                raise ValueError("not Zarr v3 metadata")
+        except (OSError, ValueError) as exc:
+            damaged[entry.name] = f"{meta}: cannot be read ({type(exc).__name__}: {str(exc)[:80]})"
+    return damaged
+
+
 def check_root_attrs(path: str, attrs: dict) -> None:
-    """Refuse a store that is not our cache, or of a version this code does not know."""
+    """Refuse a store that is not our cache, of a version this code does not know, or whose
+    root attributes are damaged (one line naming the file, never a traceback later on)."""
     if attrs.get("format") != FORMAT_NAME:
         raise CacheError(f"{path}: not a Cityscapes cache (no format={FORMAT_NAME!r} attribute); "
                          "make one with `dataprep build`")
     version = attrs.get("version")
-    if version != FORMAT_VERSION:
-        raise CacheError(f"{path}: cache format version {version} is not supported by this code "
+    if version != FORMAT_VERSION or not isinstance(version, int):
+        raise CacheError(f"{path}: cache format version {version!r} is not supported by this code "
                          f"(it reads version {FORMAT_VERSION}); rebuild it with `dataprep build --force` "
                          "(same --root and --out)")
+    where = f"{path}/zarr.json: root attribute"
+    fix = "the cache is damaged; rebuild it with `dataprep build --force` (same --root and --out)"
+    num_classes = attrs.get("num_classes")
+    if not _is_int(num_classes) or not 1 <= num_classes <= 255:
+        raise CacheError(f"{where} 'num_classes' is {num_classes!r}, expected an integer 1..255; {fix}")
+    ignore = attrs.get("ignore_index")
+    if not _is_int(ignore) or not num_classes <= ignore <= 255:
+        raise CacheError(f"{where} 'ignore_index' is {ignore!r}, expected an integer "
+                         f"{num_classes}..255; {fix}")
+    names = attrs.get("class_names")
+    if not isinstance(names, list) or len(names) != num_classes or \
+            not all(isinstance(n, str) for n in names):
+        raise CacheError(f"{where} 'class_names' is not a list of {num_classes} names "
+                         f"(got {str(names)[:80]}); {fix}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

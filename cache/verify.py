@@ -16,7 +16,7 @@ import numpy as np
 
 from cache.format import CHECKSUMS, DONE, IMAGES, MASKS, ROOT_ATTRS, open_group
 from cache.reader import CacheReader
-from cache.tiles import open_windows
+from cache.tiles import CorruptFile, MissingFile, open_windows
 from cache.writer import configure_worker_threads, read_rows_tolerantly, row_checksums
 
 _IN_PROCESS_BELOW = 16  # rows; fewer are checked without starting worker processes
@@ -78,7 +78,7 @@ def verify_cache(path: str | os.PathLike, *, workers: int | None = None, progres
         report.faults.extend(faults)
         report.rows_checked[split] = len(tasks)
         for row, problems in _check_rows(tasks, workers, progress):
-            frame = reader.split(split, require_complete=False).frames[row]
+            frame = reader.split(split, require_complete=False, check_files=False).frames[row]
             report.faults.extend(Fault(split, row, frame, p) for p in problems)
     report.faults.sort(key=lambda f: (f.split or "", -1 if f.row is None else f.row))
     return report
@@ -137,12 +137,35 @@ def _check_rows(tasks: list, workers: int | None, progress):
 
     workers = workers or len(os.sched_getaffinity(0))
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=configure_worker_threads) as pool:
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                               initargs=(os.getpid(),))
+    try:
         chunk = max(1, len(tasks) // (8 * workers))
         for task, problems in zip(tasks, pool.map(check_row, tasks, chunksize=chunk)):
             yield task[2], problems
             if progress is not None:
                 progress()
+    finally:  # Ctrl-C or an error: drop the queued rows, wait only for the running ones
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _init_worker(parent_pid: int) -> None:
+    """A verify worker: SIGKILLed when the verify process dies (SIGTERM, SIGKILL: without it
+    the workers and multiprocessing's resource tracker lived on), leaves Ctrl-C to the parent,
+    one codec thread."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)   # not the parent's raising handler
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent_pid:  # the parent went before the request took effect
+        os._exit(0)
+    configure_worker_threads()
 
 
 _ROW_READERS: dict[tuple[str, str, str], object] = {}  # opened once per process and verify run
@@ -153,8 +176,18 @@ def _read_row(path: str, split: str, kind: str, row: int) -> np.ndarray:
     cheaper than zarr's read path), or by zarr where cache.tiles does not know the layout."""
     key = (path, split, kind)
     if key not in _ROW_READERS:
-        _ROW_READERS[key] = open_windows(os.path.join(path, split, kind), cache_index=False)
+        # a missing file is a fault here, not the fill value zarr would read
+        _ROW_READERS[key] = open_windows(os.path.join(path, split, kind), cache_index=False,
+                                         missing="error")
     return _ROW_READERS[key].read_row(row)
+
+
+def _unreadable(kind: str, exc: Exception) -> str:
+    if isinstance(exc, MissingFile):
+        return f"{kind} file is missing ({exc.path})"
+    if isinstance(exc, CorruptFile):
+        return f"{kind} file is damaged ({exc.path}: {exc.problem})"
+    return f"{kind} tiles cannot be decoded ({type(exc).__name__}: {exc})"
 
 
 def check_row(task) -> list[str]:
@@ -170,13 +203,13 @@ def check_row(task) -> list[str]:
     try:
         image = _read_row(path, split, IMAGES, row)
     except Exception as exc:
-        return problems + [f"image tiles cannot be decoded ({type(exc).__name__}: {exc})"]
+        return problems + [_unreadable("image", exc)]
     mask = None
     if has_masks:
         try:
             mask = _read_row(path, split, MASKS, row)
         except Exception as exc:
-            return problems + [f"mask tiles cannot be decoded ({type(exc).__name__}: {exc})"]
+            return problems + [_unreadable("mask", exc)]
     crc_image, crc_mask = row_checksums(image, mask)
     if recorded is not None and int(recorded[0]) != crc_image:
         problems.append(f"image checksum {crc_image:#010x} differs from the recorded {int(recorded[0]):#010x}")

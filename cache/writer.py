@@ -46,10 +46,12 @@ from cache.format import (
     STATS_FILE,
     CacheError,
     UserError,
+    damaged_children,
     open_group,
     split_group_names,
 )
-from cache.tiles import TileWriter, Unsupported, file_digest, open_windows
+from cache.lock import LOCK_FILE, lock_cache
+from cache.tiles import TileArray, TileWriter, Unsupported, file_digest, open_windows
 
 # Chosen by scripts/bench_tiles.py and scripts/bench_build.py (evidence in the README's
 # benchmark section; 2048x1024 photo frames whose PNGs weigh what Cityscapes' do). Read through
@@ -112,6 +114,22 @@ class Storage:
             if codec not in CODEC_NAMES:
                 raise UserError(f"{option}: unknown codec {codec!r}; choose one of: {', '.join(CODEC_NAMES)}")
 
+    def tiles_per_shard(self, height: int, width: int) -> int:
+        return -(-height // self.tile) * -(-width // self.tile)
+
+    def check_frame(self, height: int, width: int) -> None:
+        """UserError if frames of this size cannot be stored with these options: a shard file
+        is written with one writev of its tiles and index, at most IOV_MAX (1024) parts."""
+        if not self.shard:
+            return
+        limit = _iov_max() - 1
+        tiles = self.tiles_per_shard(height, width)
+        if tiles > limit:
+            smallest = next(t for t in range(16, 4097, 16) if -(-height // t) * -(-width // t) <= limit)
+            raise UserError(f"--tile {self.tile}: a {width}x{height} frame would make {tiles} tiles "
+                            f"in its shard file, more than the {limit} a shard can hold here (one "
+                            f"writev of tiles and index); use --tile {smallest} or larger, or --no-shard")
+
     def codec_of(self, shape: tuple[int, ...]) -> str:
         """The codec of an images (N, H, W, 3) or a masks (N, H, W) array."""
         return self.codec if len(shape) == 4 else self.mask_codec
@@ -148,6 +166,13 @@ class SplitPlan:
         source = self.source_size or (self.height, self.width)
         return {"frames": list(self.frames), "complete": False, SKIPPED_ATTR: dict(self.skipped),
                 SCALE_ATTR: float(self.scale), SOURCE_SIZE_ATTR: [int(source[0]), int(source[1])]}
+
+
+def _iov_max() -> int:
+    try:
+        return int(os.sysconf("SC_IOV_MAX"))
+    except (ValueError, OSError, AttributeError):
+        return 1024
 
 
 def row_checksums(image: np.ndarray, mask: np.ndarray | None) -> tuple[int, int]:
@@ -190,34 +215,74 @@ def _read_root_attrs(path: Path) -> dict | None:
     if not meta.is_file():
         return None
     try:
-        return json.loads(meta.read_text()).get("attributes", {})
-    except (OSError, ValueError):
+        attrs = json.loads(meta.read_text()).get("attributes", {})
+    except (OSError, ValueError, AttributeError):
         return {}
+    return attrs if isinstance(attrs, dict) else {}
+
+
+def _clear_but_lock(path: Path) -> None:
+    """Empty a folder that _check_out found to be ours (an empty one, or a cache of another
+    version that --force replaces), except for the lock file that this process holds."""
+    import shutil
+
+    for entry in path.iterdir():
+        if entry.name == LOCK_FILE:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def _holds_only_ours(path: Path) -> bool:
+    """An empty folder, or one that holds only what our own runs leave before the root exists
+    (the lock file, a write probe)."""
+    return all(entry.name == LOCK_FILE or entry.name.startswith(".write-test-")
+               for entry in path.iterdir())
+
+
+def _check_out(path: Path, attrs: dict | None, force: bool) -> dict | None:
+    """Refuse an --out that is not ours; returns the root attrs to keep (None: make the root)."""
+    if attrs is None and path.is_dir() and not _holds_only_ours(path):
+        raise UserError(f"--out {path}: directory is not empty and is not a Cityscapes "
+                        "cache; choose a new or empty directory")
+    if attrs is not None and attrs.get("format") != FORMAT_NAME:
+        raise UserError(f"--out {path}: holds a Zarr store that is not a Cityscapes cache; "
+                        "choose a new or empty directory")
+    if attrs is not None and attrs.get("version") != FORMAT_VERSION:
+        if not force:
+            raise CacheError(f"--out {path}: cache format version {attrs.get('version')!r} "
+                             f"differs from this code's {FORMAT_VERSION}; rebuild it with "
+                             "`dataprep build --force`")
+        return None
+    return attrs
 
 
 class CacheWriter:
-    """The parent side of a build: root, splits, done flags, checksums, completion."""
+    """The parent side of a build: root, splits, done flags, checksums, completion.
 
-    def __init__(self, path: str | os.PathLike, *, force: bool = False):
+    Holds the cache's exclusive lock (cache/lock.py) from its creation until close() (or
+    `with`, or garbage collection): a second writer, or a reader, is refused (CacheBusy naming
+    the holder) or, with wait=True, waits."""
+
+    def __init__(self, path: str | os.PathLike, *, force: bool = False, wait: bool = False,
+                 on_wait=None):
+        import weakref
+
         import zarr
 
         self.path = Path(path)
+        if self.path.is_dir():  # refuse a folder that is not ours before putting a lock file in it
+            _check_out(self.path, _read_root_attrs(self.path), force)
         _mkdir_out(self.path)
-        attrs = _read_root_attrs(self.path)
-        if attrs is None and any(self.path.iterdir()):
-            raise UserError(f"--out {self.path}: directory is not empty and is not a Cityscapes "
-                            "cache; choose a new or empty directory")
-        if attrs is not None and attrs.get("format") != FORMAT_NAME:
-            raise UserError(f"--out {self.path}: holds a Zarr store that is not a Cityscapes cache; "
-                            "choose a new or empty directory")
-        if attrs is not None and attrs.get("version") != FORMAT_VERSION:
-            if not force:
-                raise CacheError(f"--out {self.path}: cache format version {attrs.get('version')} "
-                                 f"differs from this code's {FORMAT_VERSION}; rebuild it with "
-                                 "`dataprep build --force`")
-            attrs = None
+        self._lock = lock_cache(self.path, exclusive=True, wait=wait, what="write the cache",
+                                on_wait=on_wait)
+        weakref.finalize(self, self._lock.release)
+        attrs = _check_out(self.path, _read_root_attrs(self.path), force)  # again, under the lock
         if attrs is None:  # one write makes the root with its attributes: no window without them
-            self.root = zarr.open_group(store=str(self.path), mode="w", zarr_format=3,
+            _clear_but_lock(self.path)  # (zarr's mode="w" would delete the lock file we hold)
+            self.root = zarr.open_group(store=str(self.path), mode="a", zarr_format=3,
                                         attributes=dict(ROOT_ATTRS))
         else:
             self.root = open_group(str(self.path), mode="a")
@@ -226,14 +291,35 @@ class CacheWriter:
                 self.root.attrs.update(ROOT_ATTRS)
         self._rows: dict[str, _Bookkeeping] = {}  # split -> rows recorded, not yet committed
 
+    def close(self) -> None:
+        """Commit what is recorded and give the lock back."""
+        try:
+            self.flush()
+        finally:
+            self._lock.release()
+
+    def __enter__(self) -> "CacheWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     # -- splits --------------------------------------------------------------
     def split_names(self) -> list[str]:
         return split_group_names(self.root)
 
     def _split(self, name: str):
-        return open_group(str(self.path), split=name, mode="r+")
+        try:
+            return open_group(str(self.path), split=name, mode="r+")
+        except Exception as exc:
+            meta = self.path / name / "zarr.json"
+            raise CacheError(f"{meta}: split {name!r} cannot be opened ({type(exc).__name__}: "
+                             f"{str(exc)[:80]}); the cache is damaged: `dataprep build --force "
+                             f"--splits {name}` rebuilds that split") from None
 
     def split_attrs(self, name: str) -> dict | None:
+        if name in damaged_children(str(self.path)):
+            self._split(name)  # raises, naming the file
         return dict(self._split(name).attrs) if name in self.split_names() else None
 
     def is_complete(self, plan: SplitPlan, storage: Storage) -> bool:
@@ -242,14 +328,38 @@ class CacheWriter:
         if attrs is None or not attrs.get("complete", False):
             return False
         self._check_matches(plan, storage)
+        if self.missing_rows(plan.name).any():  # files deleted since: prepare_split rewrites them
+            return False
         return True
+
+    def missing_rows(self, split: str) -> np.ndarray:
+        """bool per row: a file of the row (image or mask shard, or tile) is not there. Rows
+        whose done flag is set have all their files; only damage from outside removes one."""
+        group = self._split(split)
+        n = len(group.attrs.get("frames", []))
+        missing = np.zeros(n, dtype=bool)
+        for name in (IMAGES, MASKS):
+            try:
+                layout = TileArray(str(self.path / split / name))
+            except (Unsupported, OSError, ValueError, KeyError):
+                continue
+            for row, _ in layout.missing_files():
+                if row < n:
+                    missing[row] = True
+        return missing
 
     def prepare_split(self, plan: SplitPlan, storage: Storage, *, force: bool = False) -> np.ndarray:
         """Create the split, or check that the existing one was made with the same options.
 
         Returns the done flags (bool per row): the rows a resumed build can skip.
         """
+        storage.check_frame(plan.height, plan.width)
         self._rows.pop(plan.name, None)
+        if force and plan.name in damaged_children(str(self.path)):
+            import shutil  # a split whose metadata is garbled: --force starts it again
+
+            _drop_consolidated(self.path)
+            shutil.rmtree(self.path / plan.name)
         exists = plan.name in self.split_names()
         _drop_consolidated(self.path)
         if exists:
@@ -266,7 +376,17 @@ class CacheWriter:
         self._finish_interrupted_drop(plan.name)
         self._check_matches(plan, storage)
         _remove_partial_files(self.path / plan.name)
-        return self.done_flags(plan.name)
+        done = self.done_flags(plan.name)
+        lost = done & self.missing_rows(plan.name)
+        if lost.any():  # rows whose files were deleted: not done any more, written again
+            group = self._split(plan.name)
+            group.attrs["complete"] = False
+            rows = _Bookkeeping.open(group)
+            rows.done[lost] = 0
+            rows.dirty.update(int(r) // rows.done_array.chunks[0] for r in np.flatnonzero(lost))
+            rows.flush()
+            done = self.done_flags(plan.name)
+        return done
 
     def _array_names(self, split: str) -> list[str]:
         return [name for name, _ in self._split(split).arrays()]
@@ -381,6 +501,24 @@ class CacheWriter:
         _consolidate(self.path, split)
         _consolidate(self.path, None)
         return True
+
+    def ensure_consolidated(self) -> list[str]:
+        """Repair what a crash (or a full disk) can leave of the consolidated metadata: every
+        complete split, and the root once every split is, carries it, matching the files.
+        Returns the groups it rewrote ("" for the root)."""
+        repaired = []
+        splits = self.split_names()
+        complete = [name for name in splits if self.split_attrs(name).get("complete") is True]
+        for name in complete:
+            if not _consolidated_current(self.path / name):
+                _consolidate(self.path, name)
+                repaired.append(name)
+        if splits and len(complete) == len(splits) and not _consolidated_current(self.path):
+            _consolidate(self.path, None)
+            repaired.append("")
+        for leftover in self.path.glob("*.partial"):  # the root's half-written metadata
+            leftover.unlink(missing_ok=True)
+        return repaired
 
     def _forget_stats_of(self, split: str) -> None:
         """stats.json describes one split; it is stale once that split is written again."""
@@ -557,6 +695,41 @@ def _drop_consolidated(group_dir: Path) -> None:
     tmp = meta.with_name(f"zarr.json.{uuid.uuid4().hex}.partial")
     tmp.write_text(json.dumps(doc, indent=2))
     os.replace(tmp, meta)
+
+
+def _consolidated_current(group_dir: Path) -> bool:
+    """Whether the group's consolidated metadata exists and lists exactly its nodes as their
+    own zarr.json files describe them (a crash between a change and the consolidation, or a
+    full disk during it, leaves it missing or stale)."""
+    group_dir = Path(group_dir)
+    try:
+        consolidated = json.loads((group_dir / "zarr.json").read_text()).get("consolidated_metadata")
+        entries = consolidated["metadata"]
+        nodes = _child_nodes(group_dir)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return False
+    if not isinstance(entries, dict) or set(entries) != set(nodes):
+        return False
+
+    def plain(doc):
+        return {k: v for k, v in doc.items() if k != "consolidated_metadata"} if isinstance(doc, dict) else doc
+    return all(plain(entries[key]) == plain(doc) for key, doc in nodes.items())
+
+
+def _child_nodes(group_dir: Path, prefix: str = "") -> dict:
+    """key -> zarr.json document of every node below a group (never into an array's chunks)."""
+    nodes = {}
+    for entry in os.scandir(group_dir):
+        meta = os.path.join(entry.path, "zarr.json")
+        if not entry.is_dir() or not os.path.isfile(meta):
+            continue
+        with open(meta) as f:
+            doc = json.load(f)
+        key = prefix + entry.name
+        nodes[key] = doc
+        if doc.get("node_type") == "group":
+            nodes.update(_child_nodes(Path(entry.path), key + "/"))
+    return nodes
 
 
 def _consolidate(path: Path, split: str | None) -> None:

@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from cache.errors import UserError
+from cache.safe_input import check_pixels, open_regular, png_header
 from cache.writer import SKIPPED_ATTR, CacheWriter, RowWriter, SplitPlan, Storage
 from dataprep.discover import COARSE_SPLIT
 from dataprep.discover import Frame, discover, polygon_dir, unlabelled_splits
@@ -50,7 +51,6 @@ from dataprep.rasterize import BadFrame, load_polygons, render_trainids
 
 ON_ERROR_CHOICES = ("stop", "skip")
 EXIT_SKIPPED = 3
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 _PROBE_IN_PARENT_BELOW = 32  # frames; fewer are checked without starting the worker pool
 _IN_FLIGHT_PER_WORKER = 4    # frame tasks queued per worker: enough to keep it busy
@@ -64,6 +64,7 @@ class BuildOptions:
     out: Path
     splits: tuple[str, ...] | None = None   # None: every split present
     workers: int | None = None               # None: every core this process may use
+    wait: bool = False                       # another process holds the cache: wait, not refuse
     limit: int | None = None                 # first N frames per split (smoke runs)
     force: bool = False
     coarse: bool = False
@@ -145,25 +146,34 @@ def _build(options: BuildOptions, events: BuildEvents) -> BuildReport:
                "test split does" if labels.is_dir() else f"no {labels}")
         events.message(f"split {split!r}: images only, no masks array ({why})")
     with _WorkerPool(options.workers or default_workers()) as pool:
-        pool.start()  # before this process opens the cache: see worker_context
-        writer = CacheWriter(options.out, force=options.force)
-        report = BuildReport(Path(options.out))
-        for split, frames in found.items():
-            frames = frames[: options.limit] if options.limit else frames
-            report.splits.append(_build_split(writer, pool, split, frames, options, events))
+        pool.start()  # before this process opens the cache (and takes its lock): see worker_context
+        with CacheWriter(options.out, force=options.force, wait=options.wait,
+                         on_wait=events.message) as writer:
+            report = BuildReport(Path(options.out))
+            for split, frames in found.items():
+                frames = frames[: options.limit] if options.limit else frames
+                report.splits.append(_build_split(writer, pool, split, frames, options, events))
+            for group in writer.ensure_consolidated():  # what a crash or full disk left
+                events.message(f"repaired the consolidated metadata of "
+                               f"{'split ' + repr(group) if group else 'the root'}")
     return report
 
 
 def _build_split(writer: CacheWriter, pool: "_WorkerPool", split: str, frames: list[Frame],
                  options: BuildOptions, events: BuildEvents) -> SplitResult:
     plan, by_name = _plan_split(writer, pool, split, frames, options, events)
+    options.storage.check_frame(plan.height, plan.width)  # before any row: --tile too small
     result = SplitResult(split, len(plan.frames), plan.has_masks, skipped=dict(plan.skipped),
                          scale=plan.scale, stored_size=(plan.height, plan.width))
-    if not options.force and writer.is_complete(plan, options.storage):
+    marked = not options.force and (writer.split_attrs(split) or {}).get("complete") is True
+    if marked and writer.is_complete(plan, options.storage):
         result.already_complete = True
         events.message(f"split {split!r}: complete already ({len(plan.frames)} frames); "
                        "--force rebuilds it")
         return result
+    if marked:  # complete, but files were deleted since: their rows are written again
+        events.message(f"split {split!r}: marked complete but the files of "
+                       f"{int(writer.missing_rows(split).sum())} frames are missing; writing them again")
     done = writer.prepare_split(plan, options.storage, force=options.force)
     events.split_started(split, len(plan.frames), int(done.sum()))
     while True:
@@ -271,17 +281,16 @@ def probe_frame(frame: Frame) -> tuple[tuple[int, int] | None, str | None]:
 def png_size(path: Path) -> tuple[int, int]:
     """(height, width) from the PNG header; BadFrame if it is not a complete 8-bit PNG."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:     # a FIFO is refused, never waited on
             head = f.read(33)
             f.seek(max(0, os.fstat(f.fileno()).st_size - 4096))
             tail = f.read()
     except OSError as exc:
         raise BadFrame(f"{path}: cannot read image ({exc.strerror or exc})") from None
-    if len(head) < 33 or not head.startswith(_PNG_SIGNATURE) or head[12:16] != b"IHDR":
-        raise BadFrame(f"{path}: not a PNG file (or truncated before its header)")
-    width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
-    if head[24] != 8:
-        raise BadFrame(f"{path}: {head[24]}-bit PNG; expected 8 bits per channel")
+    height, width, depth, _ = png_header(path, head)
+    check_pixels(path, width, height)      # before any row's tiles are planned for it
+    if depth != 8:
+        raise BadFrame(f"{path}: {depth}-bit PNG; expected 8 bits per channel")
     if _PNG_END not in tail:
         raise BadFrame(f"{path}: truncated PNG (no IEND chunk at its end)")
     return height, width
@@ -292,12 +301,12 @@ def decode_image(path: Path) -> np.ndarray:
 
     8-bit RGB PNGs (every Cityscapes image) go through libspng (pyspng): the same pixels as
     PIL's (tested), ~1.6x faster on photo-like 2048x1024 frames (scripts/bench_build.py).
-    Anything else, or a file libspng refuses, goes through PIL, which names the problem."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as exc:
-        raise BadFrame(f"{path}: cannot read image ({exc.strerror or exc})") from None
+    Anything else, or a file libspng refuses, goes through PIL, which names the problem.
+    Only a regular file is read, and only if its header declares at most PIL's pixel limit
+    (libspng has none): cache.safe_input."""
+    from cache.safe_input import read_png
+
+    data = read_png(path)
     image = _decode_rgb8_png(data)
     return image if image is not None else _decode_with_pil(path, data)
 
@@ -380,6 +389,8 @@ def _init_worker() -> None:
     reuse_frame_buffers()
     # Ctrl-C goes to the whole process group; the parent alone decides what happens.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # SIGTERM ends a worker as it always did (the parent's handler, inherited, would raise)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def reuse_frame_buffers() -> None:

@@ -19,6 +19,13 @@ console = Console(stderr=True)
 
 
 user_errors = report_user_errors("interrupted; run the same command again to resume")
+# stats and verify keep nothing of an interrupted run: the same command starts them over
+stats_errors = report_user_errors("interrupted; nothing was written (stats.json is written at the "
+                                  "end); run `dataprep stats` again to count from the start")
+verify_errors = report_user_errors("interrupted; nothing was checked to the end (verify keeps no "
+                                   "progress); run `dataprep verify` again to check from the start")
+WAIT_HELP = ("If another process holds the cache (a build, or readers such as train), wait for it "
+             "instead of stopping with an error that names it.")
 
 
 def _progress() -> Progress:
@@ -74,17 +81,20 @@ def main():
 @click.option("--scale-splits", default="train,train_extra", show_default=True,
               help="Comma-separated splits that --scale applies to (val and test stay full-size for "
               "official-grade evaluation unless named here).")
+@click.option("--wait", is_flag=True, help=WAIT_HELP)
 @user_errors
 def build(root, out, splits, workers, limit, force, coarse, on_error, tile, codec, mask_codec, shard,
-          scale, scale_splits):
+          scale, scale_splits, wait):
     """Decode every frame once and store uint8 tiles (and trainId masks) in a Zarr cache.
 
     \b
     Example:  dataprep build --root /data/cityscapes     (cache: ./cityscapes.zarr)
 
     Resumable: after an interruption (even kill -9) run the same command again; it finishes
-    the remaining frames. A complete split is not rebuilt unless --force. Exit status: 0 done,
-    1 error, 3 done but with frames skipped by --on-error skip.
+    the remaining frames. A complete split is not rebuilt unless --force. One writer at a
+    time: while a build runs, another build (or train, stats, verify on the same cache) is
+    refused with a line naming it, or waits with --wait. Exit status: 0 done, 1 error, 3 done
+    but with frames skipped by --on-error skip.
     """
     from cache.location import resolve_cache, resolve_root
     from cache.writer import Storage
@@ -94,7 +104,8 @@ def build(root, out, splits, workers, limit, force, coarse, on_error, tile, code
     options = BuildOptions(root=root, out=out, workers=workers, limit=limit, force=force,
                            coarse=coarse, on_error=on_error, storage=Storage(tile, codec, shard, mask_codec),
                            splits=tuple(s.strip() for s in splits.split(",") if s.strip()) if splits else None,
-                           scale=scale, scale_splits=tuple(s.strip() for s in scale_splits.split(",") if s.strip()))
+                           scale=scale, scale_splits=tuple(s.strip() for s in scale_splits.split(",") if s.strip()),
+                           wait=wait)
     events = _RichEvents(_progress())
     try:
         report = build_cache(options, events)
@@ -157,8 +168,9 @@ class _RichEvents:
 @click.option("--split", default="train", show_default=True, help="Split to count.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None,
               help="Where to write the JSON.  [default: CACHE/stats.json]")
-@user_errors
-def stats(cache, split, json_path):
+@click.option("--wait", is_flag=True, help=WAIT_HELP)
+@stats_errors
+def stats(cache, split, json_path, wait):
     """Per-class pixel counts, frequencies, frame counts and class weights (enet,
     median_frequency, inverse_sqrt) of a split; `train --class-weights FILE[:method]` reads the JSON.
 
@@ -166,14 +178,16 @@ def stats(cache, split, json_path):
     Example:  dataprep stats            (the cache of `dataprep build`; writes CACHE/stats.json)
     """
     from cache.location import resolve_cache
-    from dataprep.stats import compute_stats, open_labelled_split, write_stats
+    from dataprep.stats import compute_stats, lock_for_stats, open_labelled_split, write_stats
 
     cache = _announce(resolve_cache(cache, must_exist=True), "cache")
-    total = len(open_labelled_split(cache, split)[1])  # a bad split fails before the progress bar
-    with _progress() as progress:
-        task = progress.add_task(f"stats {split}", total=total, rate="")
-        result = compute_stats(cache, split, progress=lambda: _advance(progress, task))
-    path = write_stats(result, cache, json_path)
+    # writing CACHE/stats.json makes this a writer: the lock is exclusive from the start
+    with lock_for_stats(cache, json_path, wait=wait, on_wait=console.print):
+        total = len(open_labelled_split(cache, split)[1])  # a bad split fails before the progress bar
+        with _progress() as progress:
+            task = progress.add_task(f"stats {split}", total=total, rate="")
+            result = compute_stats(cache, split, progress=lambda: _advance(progress, task))
+        path = write_stats(result, cache, json_path)
     print_uncut(Console(), _stats_table(result))
     console.print(f"ignored pixels: {100 * result['ignored_fraction']:.2f}%   frames: {result['frames']}"
                   f"   written: {path.absolute()}", soft_wrap=True)
@@ -208,8 +222,9 @@ def print_uncut(out: Console, table: Table) -> None:
 @click.option("--cache", type=click.Path(path_type=Path), default=None,
               help="Cache directory.  [default: $CITYSCAPES_CACHE, else ./cityscapes.zarr]")
 @click.option("--workers", type=int, default=None, help="Worker processes.  [default: all cores]")
-@user_errors
-def verify(cache, workers):
+@click.option("--wait", is_flag=True, help=WAIT_HELP)
+@verify_errors
+def verify(cache, workers, wait):
     """Re-read every row of every split: checksums, done flags, mask values, attributes.
     Exit status 1 if anything is wrong (each bad row is named by its frame).
 
@@ -221,7 +236,9 @@ def verify(cache, workers):
     from cache.verify import rows_to_check, verify_cache
 
     cache = _announce(resolve_cache(cache, must_exist=True), "cache")
-    CacheReader(cache)  # not a cache, or of another version: one error line, no progress bar
+    # not a cache, or of another version: one error line, no progress bar; the reader's shared
+    # lock keeps a build out until verify has finished
+    reader = CacheReader(cache, wait=wait, on_wait=console.print)  # noqa: F841 (holds the lock)
     with _progress() as progress:
         task = progress.add_task("verify", total=rows_to_check(cache), rate="")
         report = verify_cache(cache, workers=workers, progress=lambda: _advance(progress, task))

@@ -18,7 +18,14 @@ Rules:
   A real labelled split shows a class in its first file, so the check costs one read there;
 - train_extra has only coarse labels, so it is used only with coarse=True: with
   splits=None and coarse=False it is left out; asking for it by name without coarse=True
-  is an error (the fine-only user would otherwise silently get 20k unlabelled frames).
+  is an error (the fine-only user would otherwise silently get 20k unlabelled frames);
+- the tree may come from anywhere (cache.safe_input): every image and polygon file must be
+  a regular file (a FIFO, device or socket is refused by name, never opened); symbolic links
+  are followed wherever they lead (a symlinked leftImg8bit/ or city folder is a common
+  layout), and one that loops or leads nowhere is refused by name. The walk has a fixed depth
+  (split, city, file), so no link can make it loop;
+- a folder that we wrote (a cache, a run or output folder) inside leftImg8bit/ is passed over,
+  so a cache or run placed in the raw tree never breaks a later build of it.
 """
 from __future__ import annotations
 
@@ -29,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cache.errors import UserError
+from cache.safe_input import MAX_JSON_BYTES, BadInput, check_regular, read_regular
 
 IMAGES_DIR = "leftImg8bit"
 FINE_DIR = "gtFine"
@@ -86,7 +94,8 @@ def _check_root(root: Path) -> Path:
 
 
 def _present_splits(images_root: Path) -> list[str]:
-    names = [e.name for e in os.scandir(images_root) if e.is_dir() and not e.name.startswith(".")]
+    names = [e.name for e in os.scandir(images_root)
+             if _is_dir(e) and not e.name.startswith(".") and not _made_by_us(e.path)]
     known = [s for s in _SPLIT_ORDER if s in names]
     return known + sorted(set(names) - set(known))
 
@@ -122,6 +131,7 @@ def _discover_split(root: Path, split: str) -> list[Frame]:
                     raise UserError(f"{entry}: no polygon file {gt_dir / city_dir.name / (stem + gt_suffix)} "
                                     f"(split {split!r} is labelled because {gt_dir} exists)")
                 polygons = gt_dir / city_dir.name / (stem + gt_suffix)
+                check_regular(polygons)
             frames.append(Frame(f"{city_dir.name}/{stem}", entry, polygons))
     frames.sort(key=lambda f: f.name)
     if labelled and frames and all(_is_placeholder(f.polygons) for f in frames):
@@ -135,9 +145,9 @@ def _is_placeholder(polygons: Path) -> bool:
     from cityscapesscripts.helpers.labels import name2label
 
     try:
-        objects = json.loads(polygons.read_text())["objects"]
+        objects = json.loads(read_regular(polygons, MAX_JSON_BYTES))["objects"]
         names = [str(o["label"]) for o in objects if not o.get("deleted")]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (BadInput, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return False
     for name in names:
         label = name2label.get(name) or name2label.get(name[:-len("group")] if name.endswith("group") else name)
@@ -146,20 +156,46 @@ def _is_placeholder(polygons: Path) -> bool:
     return True
 
 
+# A cache (its root zarr.json) or an output folder of train/evaluate/predict (its marker,
+# training/outputs_folder.MARKER) placed inside the raw tree is no split or city: a later
+# build of the tree passes over it instead of refusing its files.
+_OUR_FOLDER_FILES = ("zarr.json", ".cityscapes-output")
+
+
+def _made_by_us(folder: str | Path) -> bool:
+    return any(os.path.isfile(os.path.join(folder, name)) for name in _OUR_FOLDER_FILES)
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    """Whether the entry is a folder, links followed; False for a link that loops."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
 def _city_dirs(split_dir: Path) -> list[Path]:
     cities = []
     for entry in sorted(os.scandir(split_dir), key=lambda e: e.name):
         if entry.name.startswith("."):
             continue
-        if not entry.is_dir():
+        if _is_dir(entry) and _made_by_us(entry.path):
+            continue
+        if not _is_dir(entry):
+            if entry.is_symlink():
+                check_regular(entry.path)      # names a link that loops or leads nowhere
             raise UserError(f"{entry.path}: expected only city folders in {split_dir}, found a file")
         cities.append(Path(entry.path))
     return cities
 
 
 def _sorted_files(city_dir: Path) -> list[Path]:
-    return [Path(e.path) for e in sorted(os.scandir(city_dir), key=lambda e: e.name)
-            if not e.name.startswith(".")]
+    """The entries of a city folder, each checked to be a regular file (links followed)."""
+    files = [Path(e.path) for e in sorted(os.scandir(city_dir), key=lambda e: e.name)
+             if not e.name.startswith(".")]
+    for path in files:
+        check_regular(path)
+    return files
 
 
 def _file_names(folder: Path) -> set[str]:

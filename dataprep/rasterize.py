@@ -13,6 +13,14 @@ same scanline filler it uses, so every boundary pixel agrees:
 - PIL clips polygons that leave the image.
 
 Where the reference exits (unknown label) or crashes (bad polygon), we raise `BadFrame`.
+
+Files from anywhere are bounded (cache.safe_input): only a regular file of at most
+MAX_JSON_BYTES is read, and drawn only if it holds at most MAX_POINTS points (which bounds the
+time PIL takes); a number that is not finite (NaN, Infinity, 1e400), a fraction beyond
+MAX_NUMBER or an integer PIL cannot draw is refused, and so is an image size above
+MAX_IMAGE_PIXELS (PIL's decompression-bomb limit; a Cityscapes frame is 2048x1024) before
+any canvas is made.
+
 We are faster because we skip what the reference does besides drawing: building a Python
 object per point and encoding a PNG.
 """
@@ -27,7 +35,7 @@ import numpy as np
 from cityscapesscripts.helpers.labels import labels as _CS_LABELS
 from PIL import Image, ImageDraw
 
-from cache.errors import UserError
+from cache.safe_input import MAX_IMAGE_PIXELS, MAX_JSON_BYTES, BadInput, check_pixels, read_regular
 
 ENCODINGS = ("trainIds", "ids")
 
@@ -40,8 +48,14 @@ _NEGATIVE_ID = {label.name for label in _CS_LABELS if label.id < 0}
 _BACKGROUND = "unlabeled"
 
 
-class BadFrame(UserError):
-    """A polygon file we cannot turn into a label image: unreadable, malformed, or with an unknown label."""
+# A polygon file we cannot turn into a label image (unreadable, malformed, an unknown label),
+# or any other input file of a frame that cannot be used: one exception for all of them.
+BadFrame = BadInput
+# Drawing costs PIL about (rows x edges) per polygon: the points are bounded so that a hostile
+# file takes seconds, not minutes (a Cityscapes frame has a few thousand).
+MAX_POINTS = 100_000
+MAX_NUMBER = 1e9  # no fractional coordinate is bigger (integers are not hooked: that costs
+                  # ~1 us a point; PIL's refusal of one beyond 2**63 is caught when drawing)
 
 
 class PolygonObject(NamedTuple):
@@ -60,16 +74,36 @@ class Polygons:
 
 def load_polygons(path: str | Path) -> Polygons:
     """Read a `*_polygons.json`; BadFrame if it is not a readable Cityscapes polygon file."""
+    if not Path(path).exists() and not Path(path).is_symlink():
+        raise BadFrame(f"{path}: polygon file not found")
+    data = read_regular(path, MAX_JSON_BYTES)
     try:
-        with open(path, "rb") as f:
-            doc = json.loads(f.read())
-    except FileNotFoundError:
-        raise BadFrame(f"{path}: polygon file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
+        doc = json.loads(data, parse_float=_bounded_float, parse_constant=_no_constant)
+    except UnicodeDecodeError as exc:
         raise BadFrame(f"{path}: cannot read polygon file ({exc})") from None
     except json.JSONDecodeError as exc:
         raise BadFrame(f"{path}: not valid JSON, truncated or corrupt ({exc})") from None
+    except _OutOfRange as exc:
+        raise BadFrame(f"{path}: {exc}") from None
+    except (ValueError, RecursionError) as exc:   # a 5000-digit number, nesting 1000s deep
+        raise BadFrame(f"{path}: not a polygon file ({type(exc).__name__}: "
+                       f"{str(exc).splitlines()[0][:80] if str(exc) else 'nested too deeply'})") from None
     return _polygons_from_doc(doc, str(path))
+
+
+class _OutOfRange(ValueError):
+    pass
+
+
+def _bounded_float(text: str) -> float:
+    value = float(text)
+    if not abs(value) <= MAX_NUMBER:    # NaN fails this too
+        raise _OutOfRange(f"number {text[:40]} is out of range (beyond {MAX_NUMBER:g})")
+    return value
+
+
+def _no_constant(text: str):
+    raise _OutOfRange(f"{text} is not a number a polygon file may hold")
 
 
 def _polygons_from_doc(doc, source: str) -> Polygons:
@@ -80,20 +114,26 @@ def _polygons_from_doc(doc, source: str) -> Polygons:
         raise BadFrame(f"{source}: missing {', '.join(missing)}")
     try:  # the reference takes int() of both, so "1024" and 1024.0 are accepted
         height, width = int(doc["imgHeight"]), int(doc["imgWidth"])
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise BadFrame(f"{source}: imgHeight/imgWidth are not integers") from None
     if height <= 0 or width <= 0:
         raise BadFrame(f"{source}: image size {width}x{height} is not positive")
+    if height * width > MAX_IMAGE_PIXELS:
+        check_pixels(f"{source}: imgWidth x imgHeight", width, height)
     if doc.get("ignore"):  # the reference reads these as boxes and crashes drawing them
         raise BadFrame(f"{source}: 'ignore' regions are not supported in polygon files")
     if not isinstance(doc["objects"], list):
         raise BadFrame(f"{source}: 'objects' is not a list")
-    objects = []
+    objects, points = [], 0
     for index, obj in enumerate(doc["objects"]):
         if not isinstance(obj, dict) or "label" not in obj or "polygon" not in obj:
             raise BadFrame(f"{source}: object {index} has no label or polygon")
         # str() and truthiness as in cityscapesscripts' CsPoly.fromJsonText / createLabelImage
         objects.append(PolygonObject(str(obj["label"]), obj["polygon"], bool(obj.get("deleted", 0))))
+        points += len(obj["polygon"]) if isinstance(obj["polygon"], (list, tuple)) else 0
+    if points > MAX_POINTS:
+        raise BadFrame(f"{source}: {points:,} polygon points, more than the {MAX_POINTS:,} drawn "
+                       "for one frame")
     return Polygons(height, width, objects, source)
 
 
@@ -134,10 +174,11 @@ def _draw_polygon(draw: ImageDraw.ImageDraw, polygon, value: int, where: str) ->
     try:
         draw.polygon(polygon, fill=value)
         return
-    except (TypeError, ValueError):
-        pass  # not plain [x, y] pairs, or too few points; PIL drew nothing
+    except (TypeError, ValueError, OverflowError, SystemError):
+        pass  # not plain [x, y] pairs, too few points or a number PIL refuses; it drew nothing
     try:
         # the reference keeps only p[0], p[1] of each point (extra coordinates are dropped)
         draw.polygon([(p[0], p[1]) for p in polygon], fill=value)
-    except (TypeError, ValueError, IndexError, KeyError) as exc:
-        raise BadFrame(f"{where}: cannot draw polygon ({exc})") from None
+    except (TypeError, ValueError, IndexError, KeyError, OverflowError, SystemError) as exc:
+        # SystemError: PIL's answer to an integer beyond 64 bits
+        raise BadFrame(f"{where}: cannot draw polygon ({str(exc)[:120]})") from None

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 
 from cache.format import STATS_FILE, CacheError
 from cache.errors import UserError
+from cache.lock import lock_cache
 from cache.reader import CacheReader
 
 WEIGHT_METHODS = ("enet", "median_frequency", "inverse_sqrt")
@@ -103,17 +105,39 @@ def compute_stats(cache: str | os.PathLike, split: str = "train", progress=None)
     }
 
 
-def write_stats(stats: dict, cache: str | os.PathLike, json_path: str | os.PathLike | None = None) -> Path:
-    """Write the stats JSON (default CACHE/stats.json) atomically; returns its path."""
-    path = Path(json_path) if json_path is not None else Path(cache) / STATS_FILE
+def _inside(path: Path, folder: Path) -> bool:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(stats, indent=2) + "\n")
-        tmp.replace(path)
-    except OSError as exc:
-        raise UserError(f"--json {path}: cannot write ({exc.strerror or exc})") from None
+        path.resolve().relative_to(Path(folder).resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def lock_for_stats(cache: str | os.PathLike, json_path: str | os.PathLike | None = None, *,
+                   wait: bool = False, on_wait=None):
+    """The lock a stats run holds: exclusive when it writes into the cache (CACHE/stats.json,
+    the default), shared when the JSON goes elsewhere."""
+    target = Path(json_path) if json_path is not None else Path(cache) / STATS_FILE
+    writes_cache = _inside(target, Path(cache))
+    return lock_cache(cache, exclusive=writes_cache, wait=wait, on_wait=on_wait,
+                      what="write stats.json" if writes_cache else "read the cache")
+
+
+def write_stats(stats: dict, cache: str | os.PathLike, json_path: str | os.PathLike | None = None) -> Path:
+    """Write the stats JSON (default CACHE/stats.json) atomically; returns its path. Inside the
+    cache it is written under the cache's exclusive lock (a build may be deleting it)."""
+    path = Path(json_path) if json_path is not None else Path(cache) / STATS_FILE
+    inside = _inside(path, Path(cache))
+    with lock_cache(cache, exclusive=True, what="write stats.json") if inside else nullcontext():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps(stats, indent=2) + "\n")
+            tmp.replace(path)
+        except OSError as exc:
+            raise UserError(f"--json {path}: cannot write ({exc.strerror or exc})") from None
     return path
+
 
 
 _UNITS = ("", " k", " M", " G", " T", " P")

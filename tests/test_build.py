@@ -142,11 +142,12 @@ def test_cli_build_says_which_split_has_no_masks_and_rerun_rebuilds_nothing(smal
     assert first.exit_code == 0, first.output
     assert "split 'test': images only, no masks array" in first.output
     assert "test: 2 frames, images only" in first.output
-    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    # (the lock file excepted: each run notes its holder in it)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
     again = run_build("--root", small_tree, "--out", out, "--workers", "1", "--tile", "128")
     assert again.exit_code == 0, again.output
     assert again.output.count("already complete") == 3
-    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == before
 
 
 def test_limit_and_splits_options(small_tree, tmp_path):
@@ -669,3 +670,40 @@ def test_verify_and_build_show_progress_with_a_total(small_tree, tmp_path):
     result = CliRunner().invoke(main, ["verify", "--cache", str(out), "--workers", "1"])
     assert result.exit_code == 0, result.output
     assert "verify" in result.output and "8/8" in result.output
+
+
+def test_sigterm_stops_a_build_with_the_resume_hint_and_the_same_command_resumes(small_tree,
+                                                                                  tmp_path):
+    """A scheduler's SIGTERM is handled as Ctrl-C is: one line, the hint, exit status 143;
+    the same command then finishes the cache (it verifies)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "cache"
+    command = [sys.executable, "-m", "dataprep.cli", "build", "--root", str(small_tree),
+               "--out", str(out), "--workers", "1"]
+    proc = subprocess.Popen(command, cwd=ROOT_DIR, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 120
+    lock = out / ".lock"
+    # once the build holds the cache's lock (its note names it), stop it there, so that the
+    # signal lands mid-build on any machine, then let it run into the signal
+    while time.monotonic() < deadline and proc.poll() is None:
+        if lock.is_file() and f"PID {proc.pid} " in lock.read_text(errors="replace"):
+            break
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGSTOP)
+    os.kill(proc.pid, signal.SIGTERM)
+    os.kill(proc.pid, signal.SIGCONT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    assert stderr.strip().splitlines()[-1] == "interrupted; run the same command again to resume", stderr
+    assert "Traceback" not in stderr and "Warning" not in stderr, stderr
+    again = subprocess.run(command, cwd=ROOT_DIR, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    verify = subprocess.run([sys.executable, "-m", "dataprep.cli", "verify", "--cache", str(out)],
+                            cwd=ROOT_DIR, capture_output=True, text=True, timeout=300)
+    assert verify.returncode == 0, verify.stdout + verify.stderr

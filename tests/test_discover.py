@@ -134,3 +134,17 @@ def test_missing_polygons_in_labelled_split(tree):
     # a whole city missing from gtFine is the same mistake
     add_frame(tree, "val", "munster_000000_000019", gt=None)
     one_line_error(tree, "munster_000000_000019_leftImg8bit.png: no polygon file", splits=["val"])
+
+
+def test_our_caches_and_run_folders_inside_the_tree_are_passed_over(tree):
+    before = discover(tree)
+    # a cache placed as a city folder, a run folder as a split: what we wrote, not frames
+    touch(tree / "leftImg8bit" / "train" / "cache.zarr" / "zarr.json")
+    touch(tree / "leftImg8bit" / "train" / "cache.zarr" / "train" / "images" / "c" / "0")
+    touch(tree / "leftImg8bit" / "runs" / ".cityscapes-output")
+    touch(tree / "leftImg8bit" / "runs" / "best.pt")
+    assert discover(tree) == before
+    # a foreign folder of the same shape is still refused, by name
+    touch(tree / "leftImg8bit" / "train" / "notes" / "todo.txt")
+    with pytest.raises(UserError, match="notes/todo.txt: malformed file name"):
+        discover(tree)
