@@ -1,16 +1,22 @@
-"""What every loader promises: `AugmentConfig` in, `Batch` out, built by `build_loader`."""
+"""What every loader promises: `AugmentConfig` in, `Batch` out, built by `build_loader`.
+
+This module must not import torch (nor a loader kind): DALI's source workers import it
+(loaders/dali_pipeline.py), and a spawned worker would otherwise carry torch's few hundred MB
+for nothing (tests/test_worker_imports.py, scripts/bench_worker_rss.py). `Batch` and `Loader` name
+torch types in annotations only; the factory `build_loader` lives in loaders/factory.py and is
+resolved lazily here and in `loaders`.
+"""
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, NamedTuple, Protocol
 
-import torch
-
 from cache.errors import UserError
 
 if TYPE_CHECKING:
     import numpy as np
+    import torch
 
     from cache.reader import SplitInfo
 
@@ -149,24 +155,10 @@ def endless(loader: Loader, first_epoch: int = 0) -> Iterator[Batch]:
         epoch += 1
 
 
-def build_loader(cache: str | os.PathLike, split: str, kind: str = "dali", *, train: bool,
-                 batch_size: int, aug: AugmentConfig | None = None,
-                 device: str | torch.device = "cpu", seed: int = 0, rank: int = 0,
-                 world_size: int = 1, num_workers: int | None = None, rows=None,
-                 channels_last: bool = False) -> Loader:
-    """The one factory for loaders. kind="dali" runs augmentation in DALI (GPU operators when
-    `device` is CUDA, DALI's CPU-only mode otherwise); kind="torch" uses DataLoader workers.
-    `rows`: the cache rows of the split to read (e.g. one cross-validation fold); all by default.
-    Order, sharding and batching then run over these rows as they would over a whole split.
-    `channels_last`: hand images in channels_last memory format (what convolutions on a GPU
-    prefer; free for both kinds, whose pixels are channels-last until then)."""
-    aug = aug or AugmentConfig()
-    if kind == "torch":
-        from loaders.torch_loader import TorchLoader as impl
-    elif kind == "dali":
-        from loaders.dali_loader import DaliLoader as impl
-    else:
-        raise UserError(f"unknown loader kind {kind!r}; choose one of: {', '.join(LOADER_KINDS)}")
-    return impl(cache, split, train=train, batch_size=batch_size, aug=aug,
-                device=torch.device(device), seed=seed, rank=rank, world_size=world_size,
-                num_workers=num_workers, rows=rows, channels_last=channels_last)
+def __getattr__(name: str):
+    # The factory imports torch and both loader kinds: loaded on first use, so that importing
+    # the contract (DALI's source workers do) stays free of torch. loaders/factory.py.
+    if name == "build_loader":
+        from loaders.factory import build_loader
+        return build_loader
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -8,6 +8,10 @@
 reach. loader_cost = 1 - images_per_s / ceiling (the target is under 5% with DALI on a GPU).
 loader_only_images_per_s is the loader alone, nothing else running. The logic lives in
 training.bench.benchmark_training; this script only parses options and reports.
+
+--amp auto (the default, as in `train`) picks bf16 on compute capability 8.0+, fp16 with loss
+scaling on 7.x and float32 below and on the CPU; the JSON's "amp" is what was chosen and its
+"precision" says on what card and why (name, capability such as "sm_75", native_bf16, reason).
 """
 from __future__ import annotations
 
@@ -36,14 +40,18 @@ from cache.errors import report_user_errors
               help="Kinds take turns this many times; the median counts (shared machines).")
 @click.option("--workers", default=None, type=int, help="Loader workers [loader default].")
 @click.option("--device", default=None, help="cpu or cuda [cuda if available].")
-@click.option("--amp", default="none", show_default=True, help="bf16, fp16 or none.")
+@click.option("--amp", default="auto", show_default=True,
+              help="auto, bf16, fp16 or none (auto: what `train` would pick on this device).")
 @click.option("--threads", default=None, type=int, help="torch intra-op threads (CPU).")
 @click.option("--json", "json_path", default=None, help="Write the results here.")
 @report_user_errors()
 def main(cache, res, batch_size, arch, encoder, model_args, loaders, iters, warmup, rounds,
          workers, device, amp, threads, json_path):
+    from dataclasses import replace
+
     from training.bench import benchmark_training
     from training.config import parse_model_args, resolve_config
+    from training.device import choose_precision, describe_precision, resolve_device
 
     if threads:
         torch.set_num_threads(threads)
@@ -51,8 +59,13 @@ def main(cache, res, batch_size, arch, encoder, model_args, loaders, iters, warm
         "cache": cache, "res": res, "batch_size": batch_size, "arch": arch, "encoder": encoder,
         "encoder_weights": "none", "model_kwargs": parse_model_args(model_args),
         "workers": workers, "device": device, "amp": amp, "out": "unused"})
+    precision = choose_precision(config.amp, resolve_device(config.device))  # refusals first
+    config = replace(config, amp=precision.amp)
+    click.echo(f"precision: {precision.reason}")
     kinds = [kind.strip() for kind in loaders.split(",") if kind.strip()]
     report = benchmark_training(config, kinds, iters=iters, warmup=warmup, rounds=rounds)
+    report["amp_requested"] = amp
+    report["precision"] = describe_precision(report["device"], precision.amp)
     for kind, result in report["results"].items():
         cost = result["loader_cost"]
         alone = result["loader_only_images_per_s"]

@@ -1,11 +1,12 @@
 """One-shot check of the GPU path on a CUDA machine: one JSON and a short table, offline.
 
-    python scripts/gpu_check.py [--json bench/gpu_check.json] [--budget 480] [--dry-run]
+    python scripts/gpu_check.py [--json bench/gpu_check.json] [--budget 300] [--dry-run]
 
 Parts, each in its own subprocess with its own time limit (a failure or a timeout is
 recorded and the next part runs; the whole stays within --budget seconds):
 
-  versions      device, driver, CUDA, torch, DALI and library versions (what is missing)
+  versions      device, driver, CUDA, torch, DALI and library versions (what is missing);
+                the card's compute capability and the precision --amp auto picks on it
   data          a small synthetic tree and its cache (`dataprep synth`, `dataprep build`)
   tests         the `gpu`-marked and the `dali` (CPU-mode DALI) tests, with CUDA initialised
                 first in the pytest process (CITYSCAPES_TEST_INIT_CUDA=1, tests/conftest.py)
@@ -14,10 +15,20 @@ recorded and the next part runs; the whole stays within --budget seconds):
   compare       DALI on the GPU against DALI on the CPU, same samples: images within 2 grey
                 levels, masks >= 99.9% equal
   held          a batch held by the caller stays intact while the loader advances 4 batches
+  reuse         a consumer that reads every batch late (each batch's reads queued behind a
+                20 ms kernel on its stream) reads what the loader produced: each kind's
+                batches against a reference run of the same seed read at once, zero
+                mismatching batches; a control run of DALI's zero-copy hand-over (the old
+                hazard) says whether the check can see a reuse at all
   bench_loader  scripts/bench_loader.py host and cuda rows, torch and dali, 640^2, batch 8
                 (images/s, CPU %, GPU memory the loader added)
   bench_train   scripts/bench_train.py, DeepLabV3+ resnet50 (no weights), 640^2, batch 8,
-                bf16: each loader's cost against replaying one batch (target < 5%)
+                --amp auto (bf16 from compute capability 8.0, fp16 on 7.x): each loader's
+                cost against replaying one batch (target < 5%)
+
+The report (--json) is rewritten as each part finishes, and each part's outcome is also
+written on its own next to it (gpu_check.<part>.json), so a run cut short keeps what it
+measured; "complete" turns true at the end.
 
 Without a CUDA device it runs `versions` only, says "no CUDA device" and exits with
 status 2. Nothing is downloaded: the model has no pretrained weights, the data is synthetic.
@@ -37,14 +48,16 @@ sys.path.insert(0, str(ROOT))
 
 NO_CUDA_STATUS = 2
 RESULT = "RESULT "
-# (part, seconds it may take at most); the sum is the default --budget.
-PARTS = (("versions", 30), ("data", 40), ("tests", 130), ("syncs", 60), ("compare", 30),
-         ("held", 30), ("bench_loader", 70), ("bench_train", 90))
+# (part, seconds it may take at most); the sum (5 minutes) is the default --budget.
+# A part may also use what the parts before it left unused, never what the later ones need.
+PARTS = (("versions", 20), ("data", 30), ("tests", 75), ("syncs", 30), ("compare", 15),
+         ("held", 15), ("reuse", 50), ("bench_loader", 30), ("bench_train", 35))
 LIBRARIES = ("torch", "torchvision", "nvidia-dali-cuda130", "nvidia-dali-cuda120", "zarr",
              "numcodecs", "numpy", "segmentation-models-pytorch", "timm", "cityscapesscripts",
              "click", "rich", "pyyaml", "pytest")
 RES, BATCH = 640, 8
 SYNC_STEPS = 20
+REUSE_BATCHES, REUSE_DELAY_MS = 120, 20.0  # per run on a GPU: 2.4 s of delays per run
 
 
 # -- the parts (each runs in a child: `gpu_check.py --part NAME`) ------------------------------
@@ -74,8 +87,30 @@ def part_versions(args) -> dict:
         out.update(device_count=torch.cuda.device_count(), device=props.name,
                    capability=f"{props.major}.{props.minor}",
                    memory_gib=round(props.total_memory / 2**30, 1),
-                   bf16=torch.cuda.is_bf16_supported())
+                   bf16=torch.cuda.is_bf16_supported(), precision=precision_info("cuda:0"))
     return out
+
+
+def precision_info(device: str) -> dict:
+    """What --amp auto computes in on `device` and why (training.device.describe_precision:
+    name, capability, native_bf16, amp, loss_scaling, reason); never raises."""
+    import torch
+
+    try:
+        from training.device import describe_precision
+    except ImportError:  # an older training.device: the plain answer
+        describe_precision = None
+    try:
+        if describe_precision is not None:
+            return describe_precision(device, "auto")
+        from training.device import resolve_amp
+
+        device = torch.device(device)
+        major, minor = torch.cuda.get_device_capability(device)
+        return {"device": str(device), "name": torch.cuda.get_device_name(device),
+                "capability": f"sm_{major}{minor}", "amp": resolve_amp("auto", device)}
+    except Exception as exc:  # the probe still reports the rest
+        return {"device": device, "error": f"{type(exc).__name__}: {exc}"}
 
 
 def nvidia_smi() -> dict:
@@ -248,12 +283,133 @@ def part_held(args) -> dict:
     return out
 
 
+def part_reuse(args) -> dict:
+    """Batches the caller has let go of, on the host, while its GPU work on them is still
+    queued: the loader must not give their memory to a later batch before that work has run.
+
+    The consumer queues a long kernel (torch.cuda._sleep) on its stream before it asks for
+    each batch, so that everything it and the loader queue for that batch (the loader's own
+    copies included) runs only after the delay, and drops the batch at once. A loader that
+    lets the memory be reused in the meantime shows as a batch whose fingerprint differs
+    from the same batch in a reference run (same seed, each batch read to the end before it
+    is dropped). On the CPU (--device cpu) the runs rehearse the plumbing without delays."""
+    cuda = args.device == "cuda"
+    batches = args.reuse_batches or (REUSE_BATCHES if cuda else 3)
+    delay = sleep_cycles(REUSE_DELAY_MS) if cuda else 0
+    out = {"batches": batches, "delay_ms": REUSE_DELAY_MS if cuda else 0.0}
+    runs = [("torch", "torch", False), ("dali", "dali", False)]
+    if cuda:  # DALI's buffers handed over as they are: the hazard the check must be able to see
+        runs.append(("dali_zero_copy_control", "dali", True))
+    ok = True
+    for name, kind, zero_copy in runs:
+        try:
+            reference, ref_rows = late_fingerprints(args, kind, batches, delay=0)
+            late, late_rows = late_fingerprints(args, kind, batches, delay=delay,
+                                                zero_copy=zero_copy)
+            if ref_rows != late_rows:
+                raise RuntimeError("the two runs drew different rows: the seed does not fix "
+                                   "the order")
+            image_diff = (late[:, :, :3] - reference[:, :, :3]).abs().amax(dim=(1, 2, 3, 4))
+            mask_diff = (late[:, :, 3] - reference[:, :, 3]).abs().amax(dim=(1, 2, 3))
+            # a reused buffer holds another crop: block means move by far more than a grey level
+            bad = (image_diff > 0.05) | (mask_diff > 2.0)
+            out[name] = {"mismatched_batches": int(bad.sum()),
+                         "image_max_diff": round(float(image_diff.max()), 4),
+                         "mask_max_diff": round(float(mask_diff.max()), 4)}
+            if not zero_copy:
+                ok = ok and not bool(bad.any())
+        except Exception as exc:  # the other kinds still run
+            out[name] = {"error": f"{type(exc).__name__}: {exc}"}
+            ok = ok and zero_copy
+    if cuda:
+        out["copy_us_8x3x640x640"] = copy_microseconds()  # what the DALI kind's copy costs
+    control = out.get("dali_zero_copy_control", {})
+    if "mismatched_batches" in control:
+        out["control_detected"] = control["mismatched_batches"] > 0
+    out["ok"] = ok
+    return out
+
+
+def late_fingerprints(args, kind: str, batches: int, *, delay: int, zero_copy: bool = False):
+    """(fingerprints (batches, B, 4, 8, 8) on the host, rows per batch) of `batches` batches
+    of a train loader of `kind`, each read behind a `delay`-cycle kernel (0: read at once and
+    waited for before the batch goes)."""
+    import torch
+
+    from loaders import AugmentConfig, build_loader
+    from loaders.contract import endless
+
+    cuda = args.device == "cuda"
+    loader = build_loader(args.cache, "train", kind, train=True, batch_size=BATCH,
+                          aug=AugmentConfig.square(args.small_res), device=args.device, seed=5,
+                          num_workers=2)
+    if zero_copy:
+        loader._unsafe_zero_copy = True
+    stream = endless(loader)
+    prints, rows = [], []
+    try:
+        for _ in range(batches):
+            if delay:
+                torch.cuda._sleep(delay)  # what is queued from here on runs after it
+            batch = next(stream)
+            prints.append(fingerprint(batch))
+            rows.append(batch.rows.tolist())
+            del batch  # gone on the host; its reads may still be queued
+            if cuda and not delay:
+                torch.cuda.synchronize()
+        return torch.stack(prints).cpu(), rows
+    finally:
+        stream.close()
+        del stream, loader
+
+
+def fingerprint(batch):
+    """(B, 4, 8, 8) float: 8x8 block means of the three image channels and of the mask."""
+    import torch
+    import torch.nn.functional as F
+
+    image = F.adaptive_avg_pool2d(batch.image.float(), 8)
+    mask = F.adaptive_avg_pool2d(batch.mask[:, None].float(), 8)
+    return torch.cat([image, mask], dim=1)
+
+
+def copy_microseconds() -> float:
+    """Device time of one clone of a float (8, 3, 640, 640) batch: the copy the DALI kind
+    makes of each image on a GPU."""
+    import torch
+
+    image = torch.randn(BATCH, 3, RES, RES, device="cuda")
+    for _ in range(3):
+        image.clone()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        image.clone()
+    end.record()
+    end.synchronize()
+    return round(start.elapsed_time(end) / 20 * 1000, 1)
+
+
+def sleep_cycles(milliseconds: float) -> int:
+    """torch.cuda._sleep cycles that keep this GPU's stream busy for about `milliseconds`."""
+    import torch
+
+    probe = 20_000_000
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(1000)
+    start.record()
+    torch.cuda._sleep(probe)
+    end.record()
+    end.synchronize()
+    return int(probe * milliseconds / max(start.elapsed_time(end), 1e-3))
+
+
 def part_bench_loader(args, seconds: float) -> dict:
     out = Path(args.work) / "bench_loader.json"
     command = [sys.executable, str(ROOT / "scripts" / "bench_loader.py"), "--root", args.raw,
                "--cache", args.cache, "--kinds", "torch,dali", "--devices", "host,cuda",
-               "--res", str(RES), "--batch-size", str(BATCH), "--seconds", "6",
-               "--warmup", "2", "--json", str(out)]
+               "--res", str(RES), "--batch-size", str(BATCH), "--seconds", "4",
+               "--warmup", "1", "--json", str(out)]
     run_script(command, seconds)
     return {"rows": json.loads(out.read_text())}
 
@@ -262,12 +418,15 @@ def part_bench_train(args, seconds: float) -> dict:
     out = Path(args.work) / "bench_train.json"
     command = [sys.executable, str(ROOT / "scripts" / "bench_train.py"), "--cache", args.cache,
                "--res", str(RES), "--batch-size", str(BATCH), "--arch", "deeplabv3plus",
-               "--encoder", "resnet50", "--amp", "bf16", "--loaders", "replay,torch,dali",
-               "--iters", "25", "--warmup", "5", "--json", str(out)]
+               "--encoder", "resnet50", "--amp", "auto", "--loaders", "replay,torch,dali",
+               "--iters", "20", "--warmup", "4", "--json", str(out)]
     run_script(command, seconds)
     report = json.loads(out.read_text())
     costs = {k: r["loader_cost"] for k, r in report["results"].items()}
-    return {"loader_cost": costs, "report": report,
+    precision = report.get("precision") or {}
+    return {"loader_cost": costs, "amp": report.get("amp", precision.get("amp")),
+            "capability": precision.get("capability"), "precision": precision,
+            "report": report,
             "ok": all(c is not None and c < 0.05 for k, c in costs.items() if k != "replay")}
 
 
@@ -281,9 +440,10 @@ def run_script(command: list[str], seconds: float) -> None:
 
 PART_FUNCTIONS = {"versions": part_versions, "data": part_data, "tests": part_tests,
                   "syncs": part_syncs, "compare": part_compare, "held": part_held,
-                  "bench_loader": part_bench_loader, "bench_train": part_bench_train}
+                  "reuse": part_reuse, "bench_loader": part_bench_loader,
+                  "bench_train": part_bench_train}
 TAKES_SECONDS = {"tests", "bench_loader", "bench_train"}
-NEEDS_DATA = {"syncs", "compare", "held", "bench_loader", "bench_train"}
+NEEDS_DATA = {"syncs", "compare", "held", "reuse", "bench_loader", "bench_train"}
 
 
 def run_part_here(args) -> None:
@@ -325,21 +485,30 @@ def schedule(budget: float) -> list[tuple[str, float]]:
 
 def check(args) -> int:
     report = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "budget_s": args.budget, "parts": {}}
+              "budget_s": args.budget, "complete": False, "parts": {}}
     deadline = time.perf_counter() + args.budget
     args.data = None
-    for name, seconds in schedule(args.budget):
-        seconds = min(seconds, deadline - time.perf_counter())
+    plan = schedule(args.budget)
+    for index, (name, _) in enumerate(plan):
+        # its share, plus whatever the earlier parts left unused; the later parts keep theirs
+        seconds = deadline - time.perf_counter() - sum(s for _, s in plan[index + 1:])
         if seconds < 5:
             report["parts"][name] = {"ok": False, "seconds": 0, "error": "no time left"}
             continue
         print(f"{name} (up to {seconds:.0f} s) ...", file=sys.stderr, flush=True)
         report["parts"][name] = outcome = run_part(args, name, seconds)
+        if name == "versions":
+            probe = outcome.get("result", {})
+            report.update(capability=probe.get("capability"), precision=probe.get("precision"))
+        # on disk as soon as the part is done: a run cut short keeps what it measured
+        write_part(args, name, outcome)
+        write(args, report)
         if name == "versions" and not outcome.get("result", {}).get("cuda_available"):
             report["no_cuda"] = True
             break
         if name == "data":
             args.data = outcome.get("result")
+    report["complete"] = True
     write(args, report)
     show(report)
     if report.get("no_cuda"):
@@ -350,9 +519,21 @@ def check(args) -> int:
 
 
 def write(args, report: dict) -> None:
+    write_json(Path(args.json), report)
+
+
+def write_part(args, name: str, outcome: dict) -> None:
+    """One part's outcome on its own, next to the report: <report stem>.<part>.json."""
     path = Path(args.json)
+    write_json(path.with_name(f"{path.stem}.{name}.json"), {"part": name, **outcome})
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Whole or not at all (a reader, or a kill, never sees half a file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(partial, path)
 
 
 def headline(name: str, outcome: dict) -> str:
@@ -361,15 +542,24 @@ def headline(name: str, outcome: dict) -> str:
         return outcome["error"][:100]
     r = outcome["result"]
     if name == "versions":
+        precision = r.get("precision") or {}
         return (f"{r.get('device', 'no GPU')}, driver {r.get('driver')} (CUDA "
                 f"{r.get('driver_cuda')}), torch {r.get('torch')} (CUDA {r.get('torch_cuda')}), "
                 f"DALI {r['libraries'].get('nvidia-dali-cuda130') or r['libraries'].get('nvidia-dali-cuda120')}"
+                + (f"; {precision.get('capability')}: amp auto = "
+                   f"{precision.get('amp') or 'float32'}" if precision.get("capability") else "")
                 + (f"; missing: {', '.join(r['missing'])}" if r["missing"] else ""))
     if name == "tests":
         return f"{r['passed']} passed, {r['failed']} failed, {r['skipped']} skipped"
     if name in ("syncs", "held"):
         key = "syncs_per_step" if name == "syncs" else "intact"
         return ", ".join(f"{k}: {v.get(key, v.get('error'))}" for k, v in r.items())
+    if name == "reuse":
+        words = [f"{k}: {v.get('mismatched_batches', v.get('error'))}" for k, v in r.items()
+                 if isinstance(v, dict)]
+        return (f"mismatched batches of {r['batches']} - " + ", ".join(words)
+                + ("" if "control_detected" not in r else
+                   f"; control {'sees' if r['control_detected'] else 'does NOT see'} reuse"))
     if name == "compare":
         return (f"images max {r['image_max_grey_levels']:.2f} grey levels, masks "
                 f"{100 * r['mask_equal_share']:.3f}% equal")
@@ -379,8 +569,10 @@ def headline(name: str, outcome: dict) -> str:
                          + (f" {row['gpu_memory_mb']:.0f} MB GPU" if row.get("gpu_memory_mb")
                             is not None else "") for row in r["rows"])
     if name == "bench_train":
-        return ", ".join(f"{k} {100 * v:.1f}%" for k, v in r["loader_cost"].items()
-                         if v is not None and k != "replay")
+        return (", ".join(f"{k} {100 * v:.1f}%" for k, v in r["loader_cost"].items()
+                          if v is not None and k != "replay")
+                + (f" ({r['amp'] or 'float32'}, {r['capability']})" if r.get("capability")
+                   else ""))
     return "done"
 
 
@@ -416,6 +608,7 @@ def parse(argv=None):
     # a part on the CPU rehearses its plumbing (tests); the check itself runs on CUDA
     parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
     parser.add_argument("--small-res", type=int, default=256, help=argparse.SUPPRESS)
+    parser.add_argument("--reuse-batches", type=int, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 

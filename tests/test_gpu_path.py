@@ -270,13 +270,15 @@ def test_init_distributed_puts_each_rank_on_its_local_gpu(fake_gpus, monkeypatch
 
 # -- 9. GPU defaults ----------------------------------------------------------------------------
 def test_gpu_defaults_bf16_or_fp16_and_channels_last(monkeypatch):
+    from tests.test_precision import fake_cards
     from training.device import resolve_amp, resolve_channels_last
 
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    # cards as torch reports them, torch's own is_bf16_supported on top (tests/test_precision.py
+    # has the rest): cuda:0 an RTX 3060 (sm_86), cuda:1 an RTX 2060 (sm_75, bf16 emulated only)
+    fake_cards(monkeypatch, "rtx3060", "rtx2060", current=1)
     assert resolve_amp("auto", cuda) == "bf16" and resolve_amp("auto", cpu) is None
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert resolve_amp("auto", cuda) == "fp16"          # with a GradScaler (builders)
+    assert resolve_amp("auto", torch.device("cuda", 1)) == "fp16"  # with a GradScaler (builders)
     assert resolve_amp(None, cuda) is None and resolve_amp("bf16", cpu) == "bf16"
     assert resolve_channels_last(None, cuda) and not resolve_channels_last(None, cpu)
     assert not resolve_channels_last(False, cuda)

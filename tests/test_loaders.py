@@ -665,7 +665,10 @@ def test_torch_cuda_batches_match_cpu_batches(cache):
     on_cpu = next(iter(load(cache, "torch", aug=aug)))
     assert on_gpu.image.is_cuda and on_gpu.mask.is_cuda
     assert torch.equal(on_gpu.rows.cpu(), on_cpu.rows)
-    assert torch.allclose(on_gpu.image.cpu(), on_cpu.image, atol=1e-4)
+    # the colour twist rounds to grey levels: two float32 orders of one twist may land a level
+    # apart on a few pixels (0.017 after normalisation), so compare at one level
+    levels = (on_gpu.image.cpu() - on_cpu.image).abs() * torch.tensor(STD).view(1, 3, 1, 1)
+    assert levels.max() <= 1.0 + 1e-3
     assert torch.equal(on_gpu.mask.cpu(), on_cpu.mask)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from cache.errors import UserError
 from training.checkpoint import (capture_rng, check_compatible, load_checkpoint, load_for_eval,
@@ -95,6 +96,50 @@ def test_losses_are_float32_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = build_loss("ce+dice+focal", ignore_index=IGNORE)(logits.bfloat16(), target)
     assert loss.dtype == torch.float32
+
+
+class LiveLogitCopies(TorchDispatchMode):
+    """Counts the float32 tensors of the logits' (B, C, H, W) size alive at once: each op's
+    new storage is tracked until its tensor dies (autograd's saved tensors keep theirs alive)."""
+
+    def __init__(self, logits_shape):
+        super().__init__()
+        self.nbytes = math.prod(logits_shape) * 4
+        self.live: set[int] = set()
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        import weakref
+
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if not isinstance(t, torch.Tensor) or t.dtype != torch.float32:
+                continue
+            storage = t.untyped_storage()
+            key = storage.data_ptr()
+            if storage.nbytes() == self.nbytes and key not in self.live:
+                self.live.add(key)
+                weakref.finalize(t, self.live.discard, key)
+                self.peak = max(self.peak, len(self.live))
+        return out
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_combined_loss_keeps_few_float32_copies_alive(grad):
+    # Half-precision logits (autocast) are cast to float32 by each term, and each copy dies
+    # with its term: ce+dice then holds at most the saved log-softmax, the softmax and Dice's
+    # masked probabilities (2 without a graph). One cast shared by the terms would add one.
+    gen = torch.Generator().manual_seed(7)
+    logits = torch.randn(2, 5, 16, 16, generator=gen).bfloat16().requires_grad_(grad)
+    target = torch.randint(0, 5, (2, 16, 16), generator=gen)
+    target[:, :3] = IGNORE
+    loss_fn = build_loss("ce+dice", ignore_index=IGNORE)
+    counter = LiveLogitCopies(logits.shape)
+    with torch.set_grad_enabled(grad), counter:
+        loss = loss_fn(logits, target)
+    assert counter.peak == (3 if grad else 2)
+    expected = CrossEntropy(IGNORE)(logits, target) + DiceLoss(IGNORE)(logits, target)
+    assert torch.equal(loss, expected)
 
 
 def test_class_weights_file(tmp_path):
@@ -378,7 +423,8 @@ def test_rng_state_round_trip_through_a_checkpoint(tmp_path):
     import numpy as np
 
     torch.manual_seed(3), np.random.seed(3), random.seed(3)
-    save_checkpoint(tmp_path / "r.pt", {"rng": capture_rng()})
+    meta = {"arch": "Unet", "encoder": "resnet18", "num_classes": 19, "class_names": ["c"] * 19}
+    save_checkpoint(tmp_path / "r.pt", {"rng": capture_rng(), "meta": meta, "model": {}})
     expected = (torch.rand(3), np.random.rand(3), random.random())
     torch.manual_seed(99), np.random.seed(99), random.seed(99)
     restore_rng(load_checkpoint(tmp_path / "r.pt")["rng"])

@@ -39,13 +39,19 @@ class ReplayLoader:
 
 
 class TimedTraining:
-    """A model, optimiser and loss fed by one loader, for timing training steps."""
+    """A model, optimiser and loss fed by one loader, for timing training steps. `feed` moves
+    it to another loader: benchmark_training times every kind on one model, so that only one
+    model and optimiser state take GPU memory (a 6 GB card holds one, not three)."""
 
     def __init__(self, config: TrainConfig, loader, reader, env: DistEnv):
         seed_everything(config.seed, config.deterministic)
         self.device, self.batch_size = env.device, config.batch_size
         self.parts = build_parts(config, model_meta(config, reader), reader, env, total_steps=None)
         self.batches = endless(loader)
+
+    def feed(self, batches) -> None:
+        """Train on these batches (an endless iterator) from now on."""
+        self.batches = batches
 
     def images_per_s(self, steps: int) -> float:
         """Train `steps` steps; images/s over them (the device drained before and after)."""
@@ -99,14 +105,21 @@ def benchmark_training(config: TrainConfig, kinds=BENCH_KINDS, *, iters: int = 2
         real = list(loaders.values())
         source = real[0] if real else build_split_loader(config, env, train=True, kind="torch")
         loaders["replay"] = ReplayLoader(next(iter(source)))
-    runs = {kind: TimedTraining(config, loaders[kind], reader, env) for kind in kinds}
-    for run in runs.values():
+    # one model and optimiser for every kind (only one alive: GPU memory), fed by each in turn
+    run = TimedTraining(config, loaders[kinds[0]], reader, env)
+    feeds = {kind: run.batches if kind == kinds[0] else endless(loaders[kind]) for kind in kinds}
+    for kind in kinds:
         if warmup:
+            run.feed(feeds[kind])
             run.images_per_s(warmup)
     samples = {kind: [] for kind in kinds}
     for _ in range(rounds):
-        for kind, run in runs.items():
+        for kind in kinds:
+            run.feed(feeds[kind])
             samples[kind].append(run.images_per_s(iters))
+    del run, feeds
+    if env.device.type == "cuda":
+        torch.cuda.empty_cache()
     return {**_setting(config, env), "iters": iters, "warmup": warmup, "rounds": rounds,
             "results": _loader_costs(samples, loader_only)}
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from cache.errors import UserError
 from training.config import TrainConfig
-from training.device import (DistEnv, autocast_context, resolve_amp,
+from training.device import (DistEnv, autocast_context, choose_precision, resolve_amp,
                              resolve_channels_last)
 from training.engine import TrainingParts
 
@@ -115,11 +115,33 @@ def resolve_defaults(config: TrainConfig, reader, env: DistEnv) -> TrainConfig:
     from pathlib import Path
 
     epochs = config.resolved_epochs if config.iters is None else None
-    return replace(config, device=str(env.device), amp=resolve_amp(config.amp, env.device),
+    config = replace(config, device=str(env.device), amp=resolve_amp(config.amp, env.device),
                    channels_last=resolve_channels_last(config.channels_last, env.device),
                    class_weights=resolve_class_weights(config.class_weights, reader),
                    lr=config.resolved_lr, weight_decay=config.resolved_weight_decay,
                    epochs=epochs, cache=str(Path(reader.path).absolute()))
+    return replace(config, val_batch_size=resolve_val_batch_size(config, reader, env))
+
+
+def resolve_val_batch_size(config: TrainConfig, reader, env: DistEnv) -> int:
+    """--val-batch-size auto (None): 1 on the CPU (as always); on CUDA the largest batch, up
+    to 8, whose estimated peak (training.memory: the validation pass at the val frames' size,
+    this run's precision, loss and optimiser state) fits the card with a margin. A number as
+    given. Needs config's amp and channels_last resolved."""
+    if config.val_batch_size is not None:
+        return config.val_batch_size
+    from training.memory import auto_val_batch
+    from training.model import canonical_arch
+
+    if env.device.type != "cuda":
+        return auto_val_batch(env.device, config.arch, config.encoder, (0, 0), None)
+    split = reader.split(config.train_split if config.folds is not None else config.val_split)
+    return auto_val_batch(env.device, canonical_arch(config.arch), config.encoder,
+                          (split.height, split.width), config.amp,
+                          model_kwargs=dict(config.model_kwargs), num_classes=reader.num_classes,
+                          eval_scale=config.eval_scale, loss=config.loss,
+                          channels_last=bool(config.channels_last), optimizer=config.optimizer,
+                          ddp=env.distributed)
 
 
 def build_criterion(config: TrainConfig, reader, device: torch.device) -> nn.Module:
@@ -142,9 +164,14 @@ def build_parts(config: TrainConfig, meta: dict, reader, env: DistEnv,
     model = build_training_model(config, meta, env)
     optimizer = build_optimizer(model, config)
     scheduler = None if total_steps is None else build_scheduler(optimizer, config, total_steps)
-    scaler = torch.amp.GradScaler(env.device.type,
-                                  enabled=resolve_amp(config.amp, env.device) == "fp16")
+    scaler = build_grad_scaler(config.amp, env.device)
     return TrainingParts(model, criterion, optimizer, scaler, autocast, scheduler)
+
+
+def build_grad_scaler(amp: str | None, device: torch.device) -> torch.amp.GradScaler:
+    """Loss scaling exactly when the run computes in fp16 (--amp fp16, or auto on a 7.x GPU);
+    bf16 and float32 get a disabled scaler (a no-op in the training step)."""
+    return torch.amp.GradScaler(device.type, enabled=choose_precision(amp, device).loss_scaling)
 
 
 def augment_config(config: TrainConfig):

@@ -14,7 +14,13 @@ import click
 
 from cache.errors import UserError, report_user_errors
 
+# Ctrl-C: each command names what it leaves and the command that goes on from there.
 user_errors = report_user_errors("interrupted; `train --out RUN --resume` continues from its last.pt")
+evaluate_errors = report_user_errors(
+    "interrupted; the PNGs already written are whole and no scores JSON was written: run the "
+    "same `evaluate` command again (--export wants a new or empty folder)")
+predict_errors = report_user_errors(
+    "interrupted; the pictures already written are whole: run the same `predict` command again")
 
 
 def _opt(name: str, metavar: str, help_text: str):
@@ -42,7 +48,9 @@ TRAIN_OPTIONS = [
     _opt("--epochs", "N", "Epochs to train (or --iters).  [default: 100]"),
     _opt("--iters", "N", "Optimiser steps to train (or --epochs)."),
     _opt("--batch-size", "N", "Frames per micro-batch per rank.  [default: 8]"),
-    _opt("--val-batch-size", "N", "Frames per validation batch.  [default: 1]"),
+    _opt("--val-batch-size", "N|auto", "Frames per validation batch; auto is 1 on the CPU and "
+         "on CUDA the largest batch up to 8 whose estimated peak memory fits the card (the "
+         "number goes into config.yaml).  [default: auto]"),
     _opt("--grad-accum", "N", "Micro-batches per optimiser step.  [default: 1]"),
     _opt("--lr", "LR", "Base learning rate.  [default: sgd 0.01, adamw 1e-4]"),
     _opt("--weight-decay", "WD", "Weight decay.  [default: sgd 1e-4, adamw 1e-2]"),
@@ -56,8 +64,10 @@ TRAIN_OPTIONS = [
          "`dataprep stats` (METHOD: enet, median_frequency, inverse_sqrt; default enet), or none. "
          "By default the cache's own stats.json with the ENet rule if `dataprep stats` wrote it, "
          "else none; the run's first lines say which.  [default: auto]"),
-    _opt("--amp", "auto|bf16|fp16|none", "Mixed precision: auto is bf16 on a GPU that has it "
-         "(fp16 with loss scaling on older GPUs) and none (float32) on the CPU.  [default: auto]"),
+    _opt("--amp", "auto|bf16|fp16|none", "Mixed precision: auto is bf16 on a GPU with native "
+         "bf16 (compute capability 8.0+: RTX 30xx, A100, H100), fp16 with loss scaling on 7.x "
+         "(RTX 20xx, T4, V100), none (float32) on older GPUs and the CPU; bf16 is refused on a "
+         "GPU without native bf16. The run's first lines say which and why.  [default: auto]"),
     click.option("--channels-last/--no-channels-last", default=None,
                  help="channels_last memory format for images and model.  "
                  "[default: on with CUDA, off on CPU]"),
@@ -134,8 +144,14 @@ def train(config_file, model_args, resume, **flags):
         click.echo(str(stop), err=True)
         raise SystemExit(stop.exit_status) from None
     except KeyboardInterrupt:
-        click.echo(f"interrupted; `train --out {config.out} --resume` continues from its "
-                   f"last checkpoint ({config.out}/last.pt)", err=True)
+        from pathlib import Path
+
+        if (Path(config.out) / "last.pt").is_file():
+            click.echo(f"interrupted; `train --out {config.out} --resume` continues from its "
+                       f"last checkpoint ({config.out}/last.pt)", err=True)
+        else:
+            click.echo(f"interrupted before the first checkpoint of {config.out}; the same "
+                       "command starts it again", err=True)
         raise SystemExit(130) from None
 
 
@@ -155,8 +171,10 @@ def parse_scales(text: str) -> tuple[float, ...]:
               help="Split to score (or export).")
 @click.option("--loader", default=None, metavar="torch|dali",
               help="Loader kind.  [default: the one the run validated with]")
-@click.option("--batch-size", default=1, type=int, show_default=True, metavar="N",
-              help="Frames per forward pass.")
+@click.option("--batch-size", default="auto", show_default=True, metavar="N|auto",
+              help="Frames per forward pass; auto: 1 on the CPU, on CUDA the largest batch up "
+              "to 8 whose estimated peak memory (model, frame size, --amp, --tta, --flip) fits "
+              "the card.")
 @click.option("--tta", default="1.0", show_default=True, metavar="SCALES",
               help="Test-time scales, e.g. 0.75,1.0,1.25.")
 @click.option("--flip", is_flag=True, help="Add mirrored views (test-time augmentation).")
@@ -175,7 +193,7 @@ def parse_scales(text: str) -> tuple[float, ...]:
               help="Loader workers.  [default: loader's default]")
 @click.option("--amp", default="none", show_default=True, type=click.Choice(["bf16", "fp16", "none"]),
               help="Autocast dtype (fp16 needs CUDA).")
-@user_errors
+@evaluate_errors
 def evaluate(checkpoint, cache, split, loader, batch_size, tta, flip, json_path, export_dir,
              visualize_dir, device, limit, eval_scale, workers, amp):
     """Score a checkpoint on a cache split (official Cityscapes metrics), optionally with TTA.
@@ -196,11 +214,32 @@ def evaluate(checkpoint, cache, split, loader, batch_size, tta, flip, json_path,
         found = resolve_cache(None, must_exist=True)
         click.echo(found.describe("cache"), err=True)
         cache = str(found.path)
+    batch_size = _eval_batch_size(batch_size, checkpoint, cache, split, device=device,
+                                  amp=None if amp == "none" else amp, tta=tta, flip=flip,
+                                  eval_scale=eval_scale)
     return run_evaluate(checkpoint, cache, split, loader=loader, batch_size=batch_size,
                         tta_scales=parse_scales(tta), tta_flip=flip, json_path=json_path,
                         export_dir=export_dir, visualize_dir=visualize_dir, device=device,
                         limit=limit, eval_scale=eval_scale, num_workers=workers,
                         amp=None if amp == "none" else amp)
+
+
+def _eval_batch_size(value, checkpoint, cache, split, *, device, amp, tta, flip,
+                     eval_scale) -> int:
+    """evaluate --batch-size: a number as given, or auto (training.memory.auto_eval_batch)."""
+    if str(value).strip().lower() != "auto":
+        try:
+            return int(str(value))
+        except ValueError:
+            raise UserError(f"--batch-size: {value!r} is not an integer or auto") from None
+    from training.memory import auto_eval_batch
+
+    try:
+        scales = parse_scales(tta)
+    except UserError:
+        scales = ()      # run_evaluate reports it
+    return auto_eval_batch(checkpoint, cache, split, device=device, amp=amp, tta_scales=scales,
+                           tta_flip=flip, eval_scale=eval_scale)
 
 
 @click.command("predict", context_settings=HELP)
@@ -229,16 +268,21 @@ def evaluate(checkpoint, cache, split, loader, batch_size, tta, flip, json_path,
 @click.option("--amp", default="none", show_default=True, type=click.Choice(["bf16", "fp16", "none"]),
               help="Autocast dtype (fp16 needs CUDA).")
 @click.option("--limit", default=None, type=int, help="Predict only the first N frames.")
-@user_errors
+@predict_errors
 def predict(checkpoint, input_spec, out_dir, video_path, fps, images, batch_size, tta, flip,
             eval_scale, alpha, device, amp, limit):
-    """Predict images or a video with a checkpoint: colour and overlay pictures, and a video."""
-    from training.predict import run_predict
+    """Predict images or a video with a checkpoint: colour and overlay pictures, and a video.
 
-    run_predict(checkpoint, input_spec, out_dir, video_path=video_path, fps=fps, images=images,
-                batch_size=batch_size, tta_scales=parse_scales(tta), tta_flip=flip,
-                eval_scale=eval_scale, alpha=alpha, device=device,
-                amp=None if amp == "none" else amp, limit=limit)
+    An input that cannot be read is reported in one line and left out; the others are
+    predicted, and the exit status is then 3."""
+    from training.predict import EXIT_FAILED_INPUTS, run_predict
+
+    record = run_predict(checkpoint, input_spec, out_dir, video_path=video_path, fps=fps,
+                         images=images, batch_size=batch_size, tta_scales=parse_scales(tta),
+                         tta_flip=flip, eval_scale=eval_scale, alpha=alpha, device=device,
+                         amp=None if amp == "none" else amp, limit=limit)
+    if record["failed"]:
+        raise SystemExit(EXIT_FAILED_INPUTS)
 
 
 @click.group(context_settings=HELP)

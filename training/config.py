@@ -49,7 +49,7 @@ class TrainConfig:
     epochs: int | None = None          # neither epochs nor iters: DEFAULT_EPOCHS
     iters: int | None = None           # optimiser steps
     batch_size: int = 8                # per rank, per micro-batch
-    val_batch_size: int = 1
+    val_batch_size: int | None = None  # None (auto): 1 on the CPU, on CUDA what fits (training.memory)
     grad_accum: int = 1
     lr: float | None = None            # None: DEFAULT_LR[optimizer]
     weight_decay: float | None = None  # None: DEFAULT_WEIGHT_DECAY[optimizer]
@@ -107,6 +107,8 @@ class TrainConfig:
                 out[key] = "none"
             if key == "workers" and value is None:
                 out[key] = "auto"   # per machine and rank: a resume elsewhere decides anew
+            if key == "val_batch_size" and value is None:
+                out[key] = "auto"   # resolve_defaults writes the number a run chose
         return out
 
 
@@ -240,7 +242,7 @@ PARSERS: dict[str, Callable] = {
     "train_split": _str, "val_split": _str, "arch": _str, "encoder": _str,
     "encoder_weights": _encoder_weights, "model_kwargs": _model_kwargs,
     "epochs": _optional(_int(1)), "iters": _optional(_int(1)), "batch_size": _int(1),
-    "val_batch_size": _int(1), "grad_accum": _int(1), "lr": _optional(_float(0.0, strict=True)),
+    "val_batch_size": _auto(_int(1)), "grad_accum": _int(1), "lr": _optional(_float(0.0, strict=True)),
     "weight_decay": _optional(_float(0.0)), "momentum": _float(0.0),
     "optimizer": _choice(OPTIMIZERS), "schedule": _choice(SCHEDULES),
     "poly_power": _float(0.0, strict=True), "warmup": _int(0), "loss": _str,
@@ -316,7 +318,11 @@ def resolve_config(flags: dict, config_file: str | None = None, *, resume: bool 
     file_values = parse_values(read_config_file(config_file), f"--config {config_file}") \
         if config_file else {}
     if resume:
+        from training.outputs_folder import check_output_dir
+
         out = flags.get("out", file_values.get("out", TrainConfig.out))
+        # a folder that is not a run of ours is refused before its config.yaml is read
+        check_output_dir(out, "run", option="--out", command="train", legacy=("last.pt",))
         saved = saved_config_path(out)
         if saved is not None:
             values.update(parse_values(read_config_file(saved), str(saved)))

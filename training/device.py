@@ -104,14 +104,105 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = True
 
 
-def resolve_amp(amp: str | None, device: torch.device) -> str | None:
-    """--amp auto: bf16 on a GPU that supports it, fp16 (with a GradScaler) on an older GPU,
-    float32 (None) on the CPU. Anything else is returned as asked."""
-    if amp != "auto":
-        return amp
+@dataclass(frozen=True)
+class Precision:
+    """The precision a run computes in, and why: `amp` is "bf16", "fp16" or None (float32);
+    `reason` is the line the run's banner, gpu_check and bench_train show, e.g.
+    "fp16 + loss scaling: NVIDIA GeForce RTX 2060, sm_75, has no native bf16"."""
+    amp: str | None
+    reason: str
+
+    @property
+    def loss_scaling(self) -> bool:
+        """fp16 needs a GradScaler (its range underflows small gradients); bf16 and float32 not."""
+        return self.amp == "fp16"
+
+
+def cuda_capability(device: torch.device) -> tuple[int, int]:
+    """(major, minor) compute capability of this very device (not of the current one)."""
+    return tuple(torch.cuda.get_device_capability(device))
+
+
+def capability_name(capability: tuple[int, int]) -> str:
+    return f"sm_{capability[0]}{capability[1]}"
+
+
+def native_bf16(device: torch.device) -> bool:
+    """bf16 in hardware: compute capability 8.0 (Ampere) and later, or ROCm.
+
+    Not `torch.cuda.is_bf16_supported()`: its default (including_emulation=True) says True on
+    a Turing card, where cuDNN has no bf16 convolutions and every one runs a slow fallback,
+    and it asks about the current device, not this one."""
     if device.type != "cuda":
-        return None
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return False
+    if torch.version.hip:
+        return True
+    return cuda_capability(device) >= (8, 0)
+
+
+def _card(device: torch.device) -> str:
+    return f"{torch.cuda.get_device_name(device)}, {capability_name(cuda_capability(device))}"
+
+
+_LABELS = {"bf16": "bf16", "fp16": "fp16 + loss scaling", None: "float32"}
+
+
+def choose_precision(amp: str | None, device: torch.device) -> Precision:
+    """--amp as what the run computes in, and why; refuses what the device cannot do well.
+
+    auto: bf16 where the device has it natively (CUDA compute capability >= 8.0), fp16 with a
+    GradScaler on 7.x (Volta, Turing: tensor cores, no bf16), float32 below 7.0 (no tensor
+    cores: fp16 would save memory, not time) and on the CPU. An explicit bf16 on a CUDA card
+    without native bf16 is refused (--amp fp16 or auto instead); an explicit fp16 below 7.0 is
+    allowed; fp16 on the CPU is refused (emulated, ~100x slower than float32)."""
+    if amp is not None and amp != "auto" and amp not in AMP_DTYPES:
+        raise UserError(f"--amp: {amp!r} is not one of: auto, {', '.join(AMP_DTYPES)}, none")
+    if device.type != "cuda":
+        if amp == "fp16":
+            # torch runs it, but emulated: ~100x slower than float32 (a tiny Unet, 2-core test box)
+            raise UserError("--amp fp16 needs a CUDA device (on the CPU it is emulated and far "
+                            "slower than float32); use --amp bf16 or leave --amp out")
+        amp = None if amp == "auto" else amp
+        where = "on the CPU" if device.type == "cpu" else f"on {device}"
+        return Precision(amp, f"{_LABELS[amp]} {where}")
+    major, minor = cuda_capability(device)
+    bf16 = native_bf16(device)
+    if amp == "auto":
+        amp = "bf16" if bf16 else "fp16" if major >= 7 else None
+    if amp == "bf16" and not bf16:
+        raise UserError(f"--amp bf16: {torch.cuda.get_device_name(device)} (compute capability "
+                        f"{major}.{minor}) has no native bf16, Ampere (8.0) and later do; use "
+                        "--amp fp16 (or auto)")
+    reason = f"{_LABELS[amp]}: {_card(device)}"
+    if major < 7:
+        reason += ", has no tensor cores" + ("" if amp is None else ": it saves memory, not time")
+    elif amp == "fp16" and not bf16:
+        reason += ", has no native bf16"
+    return Precision(amp, reason)
+
+
+def resolve_amp(amp: str | None, device: torch.device) -> str | None:
+    """--amp as the run's precision: "bf16", "fp16" or None (float32); see choose_precision."""
+    return choose_precision(amp, device).amp
+
+
+def describe_precision(device: torch.device | str, amp: str | None = "auto") -> dict:
+    """What --amp (auto by default) means on `device`, for scripts/gpu_check.py and
+    scripts/bench_train.py: name, capability ("sm_75", None on the CPU), native_bf16, amp
+    ("bf16", "fp16" or None for float32), loss_scaling and reason. An amp the device refuses
+    gives amp None and the refusal as reason."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    info = {"device": str(device),
+            "name": torch.cuda.get_device_name(device) if cuda else device.type,
+            "capability": capability_name(cuda_capability(device)) if cuda else None,
+            "native_bf16": native_bf16(device)}
+    try:
+        precision = choose_precision(amp, device)
+    except UserError as error:
+        return {**info, "amp": None, "loss_scaling": False, "reason": str(error)}
+    return {**info, "amp": precision.amp, "loss_scaling": precision.loss_scaling,
+            "reason": precision.reason}
 
 
 def resolve_channels_last(channels_last: bool | None, device: torch.device) -> bool:
@@ -122,18 +213,9 @@ def resolve_channels_last(channels_last: bool | None, device: torch.device) -> b
 
 def autocast_context(amp: str | None, device: torch.device):
     """Autocast for --amp (None: float32), refusing what the device cannot do well."""
-    amp = resolve_amp(amp, device)
+    amp = choose_precision(amp, device).amp
     if amp is None:
         return nullcontext()
-    if amp not in AMP_DTYPES:
-        raise UserError(f"--amp: {amp!r} is not one of: {', '.join(AMP_DTYPES)}, none")
-    if device.type == "cpu" and amp == "fp16":
-        # torch runs it, but emulated: ~100x slower than float32 (a tiny Unet, 2-core test box)
-        raise UserError("--amp fp16 needs a CUDA device (on the CPU it is emulated and far "
-                        "slower than float32); use --amp bf16 or leave --amp out")
-    if device.type == "cuda" and amp == "bf16" and not torch.cuda.is_bf16_supported():
-        raise UserError(f"--amp bf16: {torch.cuda.get_device_name(device)} has no bf16 support; "
-                        "use --amp fp16")
     return torch.autocast(device.type, dtype=AMP_DTYPES[amp])
 
 

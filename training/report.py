@@ -45,10 +45,12 @@ def describe_class_weights(spec: str | None) -> str:
 
 
 def banner_lines(trainer: "Trainer") -> list[str]:
+    from training.device import choose_precision
+
     config, env = trainer.config, trainer.env
     train_frames = len(trainer.train_loader.rows) if hasattr(trainer.train_loader, "rows") else None
     val_frames = len(trainer.val_loader.rows) if hasattr(trainer.val_loader, "rows") else None
-    precision = config.amp or "float32"
+    precision = choose_precision(config.amp, env.device).reason   # config.amp: already resolved
     layout = "channels_last" if config.channels_last else "NCHW"
     ranks = f" x {env.world_size} ranks" if env.distributed else ""
     epochs = trainer.total_steps / trainer.steps_per_epoch
@@ -56,7 +58,7 @@ def banner_lines(trainer: "Trainer") -> list[str]:
     return [
         f"[bold]train[/] {config.arch} / {config.encoder} (encoder weights: "
         f"{config.encoder_weights or 'none'}) at {config.res[0]}x{config.res[1]}",
-        f"  device      {describe_device(env.device)}{ranks}, {precision}, {layout}",
+        f"  device      {env.device}{ranks}; {precision}; {layout}",
         f"  loader      {describe_loader(trainer.train_loader, config.loader)}",
         f"  data        {config.cache}: {config.train_split} {train_frames} frames, "
         f"{config.val_split} {val_frames} frames"

@@ -13,6 +13,7 @@ cropped off the output. The caller puts the model in eval mode.
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
@@ -22,13 +23,32 @@ from loaders.contract import MEAN, STD
 from training.model import input_divisor
 
 
+@functools.lru_cache(maxsize=16)
+def _constants(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    host = (torch.tensor(MEAN, dtype=dtype), torch.tensor(STD, dtype=dtype),
+            torch.tensor([-m / s for m, s in zip(MEAN, STD)], dtype=dtype))
+    return tuple(t.view(1, 3, 1, 1).to(device) for t in host)
+
+
+def normalisation(device: torch.device | str, dtype: torch.dtype = torch.float32
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean, std, black) as (1, 3, 1, 1) tensors on `device`: images are normalised as
+    (x - mean) / std, and black is a black pixel so normalised. Made once per device and dtype
+    (as loaders/colour.py does): a tensor built from Python numbers on a GPU is a blocking
+    host-to-device copy, which must not happen per batch."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return _constants(device, dtype)
+
+
 def _pad_to_multiple(image: torch.Tensor, divisor: int) -> torch.Tensor:
     h, w = image.shape[-2:]
     pad_h, pad_w = (-h) % divisor, (-w) % divisor
     if not (pad_h or pad_w):
         return image
-    black = torch.tensor([-m / s for m, s in zip(MEAN, STD)], dtype=image.dtype, device=image.device)
-    padded = black.view(1, 3, 1, 1).expand(image.shape[0], 3, h + pad_h, w + pad_w).clone()
+    black = normalisation(image.device, image.dtype)[2]
+    padded = black.expand(image.shape[0], 3, h + pad_h, w + pad_w).clone()
     padded[:, :, :h, :w] = image
     return padded
 
