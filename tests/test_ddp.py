@@ -72,7 +72,7 @@ def test_one_run_dir_written_by_rank_zero_only(ddp_run):
     # images/s counts both ranks: 2 ranks x 2 micro-batches x 2 frames per step
     assert all(r["images_per_s"] > 0 for r in records if r["event"] == "train")
     names = {p.name for p in out.iterdir()}
-    assert {"config.yaml", "metrics.jsonl", "last.pt", "best.pt", "loss.png", "miou.png",
-            "class_iou.png"} == names
+    assert {".cityscapes-output", "config.yaml", "metrics.jsonl", "last.pt", "best.pt",
+            "loss.png", "miou.png", "class_iou.png"} == names
     progress = load_checkpoint(out / "last.pt")["progress"]
     assert (progress["step"], progress["epoch"], progress["batch_in_epoch"]) == (4, 2, 0)

@@ -13,6 +13,7 @@ from PIL import Image
 from cache.errors import UserError
 from tests.test_evaluate import tiny_checkpoint
 from training.export import colorize
+from training.outputs_folder import MARKER
 from training.predict import batches_of_one_size, find_inputs, run_predict
 
 FAST = dict(device="cpu")
@@ -63,7 +64,7 @@ def test_a_folder_gives_colour_and_overlay_per_image_at_its_own_size(ckpt, image
     keys = ["a/a_1", "a/a_2", "b/b_1", "b/grey"]
     written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     assert written == sorted([f"{k}_{kind}.png" for k in keys for kind in ("color", "overlay")]
-                             + ["predict.json"])
+                             + ["predict.json", MARKER])
     manifest = json.loads((out / "predict.json").read_text())
     assert manifest["complete"] and manifest["frames"] == 4 == record["frames"]
     assert read_rgb(out / "b/b_1_color.png").shape == (77, 131, 3)
@@ -83,8 +84,8 @@ def test_an_output_folder_inside_the_input_folder_is_not_read_back(ckpt, tmp_pat
     for _ in range(2):      # the second run must not take the first one's pictures as input
         record = run_predict(ckpt, tree, tree / "pred", **FAST)
         assert record["frames"] == 1
-    assert sorted(p.name for p in (tree / "pred").iterdir()) == ["f_color.png", "f_overlay.png",
-                                                                 "predict.json"]
+    assert sorted(p.name for p in (tree / "pred").iterdir()) == sorted(
+        [MARKER, "f_color.png", "f_overlay.png", "predict.json"])
 
 
 def test_a_glob_and_a_single_image(ckpt, image_tree, tmp_path):
@@ -163,7 +164,7 @@ def test_mistakes_are_refused_before_anything_is_written(ckpt, image_tree, tmp_p
     broken = tmp_path / "broken" / "x.png"
     broken.parent.mkdir()
     broken.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    with pytest.raises(UserError, match="x.png: cannot read this image"):
+    with pytest.raises(UserError, match="x.png: not a PNG file"):
         run_predict(ckpt, broken, tmp_path / "o4", **FAST)
 
 
@@ -185,3 +186,15 @@ def test_the_command_line_reports_a_mistake_in_one_line(ckpt, image_tree, tmp_pa
                                    "--out", str(tmp_path / "o"), "--device", "cpu", "--limit", "1"])
     assert good.exit_code == 0, good.output
     assert (tmp_path / "o" / "a_1_color.png").is_file() and not (tmp_path / "o" / "a_2_color.png").exists()
+
+
+def test_normalisation_constants_are_made_once_per_device():
+    from loaders.contract import MEAN, STD
+    from training.tta import normalisation
+
+    first, again = normalisation("cpu"), normalisation(torch.device("cpu"))
+    assert all(a is b for a, b in zip(first, again))          # cached: no tensor per batch
+    mean, std, black = first
+    assert mean.flatten().tolist() == pytest.approx(MEAN) and std.flatten().tolist() == pytest.approx(STD)
+    assert torch.allclose(black, (torch.zeros(1, 3, 1, 1) - mean) / std)
+    assert normalisation("cpu", torch.bfloat16)[0].dtype == torch.bfloat16

@@ -55,6 +55,8 @@ def test_flags_override_the_config_file(tmp_path, captured):
 def test_json_config_and_resume_reads_the_saved_config(tmp_path, captured):
     run = tmp_path / "run"
     run.mkdir()
+    from training.outputs_folder import write_marker
+    write_marker(run, "run", "train")     # train's own folder, killed before its first checkpoint
     (run / "config.yaml").write_text(yaml.safe_dump(
         TrainConfig(cache="/c", out=str(run), iters=7, arch="fpn").to_dict()))
     extra = tmp_path / "more.json"

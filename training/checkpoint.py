@@ -31,23 +31,57 @@ CHECKPOINT_VERSION = 1
 # The fields that decide whether saved weights fit a model.
 MODEL_IDENTITY = ("arch", "encoder", "num_classes", "model_kwargs")
 ZIP_MAGIC = b"PK\x03\x04"
+# What every checkpoint's meta holds (load_for_eval, evaluate and --init-from read them).
+META_REQUIRED = ("arch", "encoder", "num_classes", "class_names")
+# What a last.pt adds, for --resume.
+TRAINING_STATE = ("optimizer", "scheduler", "scaler", "rng", "log_window", "progress")
+PROGRESS_REQUIRED = ("step", "epoch", "batch_in_epoch", "best_miou", "evaluated_step")
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict) -> Path:
-    """Write `payload` (plus format and version) to `path` atomically. Ctrl-C and SIGTERM are
-    held back while it writes (and delivered right after): an interrupt inside torch.save
-    would surface as a torn-zip RuntimeError instead of a clean stop."""
+    """Write `payload` (plus format and version) to `path` atomically (training.atomic: a
+    failure, a full disk included, removes the temporary file and leaves the old `path` as it
+    was). Ctrl-C and SIGTERM are held back while it writes (and delivered right after): an
+    interrupt inside torch.save would surface as a torn-zip RuntimeError instead of a clean
+    stop."""
+    from training.atomic import atomic_file
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     with signals_deferred():
-        with open(tmp, "wb") as handle:
-            torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **payload},
-                       handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        with atomic_file(path, "wb") as handle:
+            writer = _KeepsWriteErrors(handle)
+            try:
+                torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+                            **payload}, writer)
+            except RuntimeError:
+                # torch's zip writer turns a failed write (a full disk) into "unexpected pos";
+                # the OSError behind it is the one to report
+                if writer.error is not None:
+                    raise writer.error from None
+                raise
     return path
+
+
+class _KeepsWriteErrors:
+    """A file for torch.save that remembers the first OSError of its writes."""
+
+    def __init__(self, handle):
+        self.handle, self.error = handle, None
+
+    def write(self, data) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def flush(self) -> None:
+        try:
+            self.handle.flush()
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
 
 
 @contextmanager
@@ -94,7 +128,39 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     if data.get("version") != CHECKPOINT_VERSION:
         raise UserError(f"{path}: checkpoint version {data.get('version')} is not supported "
                         f"(this code reads version {CHECKPOINT_VERSION})")
+    _check_model_part(data, path)
     return data
+
+
+def _check_model_part(data: dict, path: Path) -> None:
+    """The weights and the metadata that every reader needs to rebuild the model."""
+    meta = data.get("meta")
+    if not isinstance(meta, dict):
+        raise UserError(f"{path}: checkpoint has no metadata (meta: the model's architecture, "
+                        "encoder and classes), so its model cannot be rebuilt; use a best.pt "
+                        "or last.pt that `train` wrote")
+    missing = [key for key in META_REQUIRED if key not in meta]
+    if missing:
+        raise UserError(f"{path}: checkpoint metadata lacks {', '.join(missing)}, so its model "
+                        "cannot be rebuilt; use a best.pt or last.pt that `train` wrote")
+    if not isinstance(data.get("model"), dict):
+        raise UserError(f"{path}: checkpoint holds no model weights; use a best.pt or last.pt "
+                        "that `train` wrote")
+
+
+def check_training_state(data: dict, path: str | os.PathLike) -> None:
+    """Refuse to resume from a checkpoint that holds no training state (a best.pt copied to
+    last.pt, a checkpoint from elsewhere): one line instead of a KeyError."""
+    missing = [key for key in TRAINING_STATE if key not in data]
+    progress = data.get("progress")
+    if not missing and isinstance(progress, dict):
+        missing = [f"progress.{key}" for key in PROGRESS_REQUIRED if key not in progress]
+    elif not missing:
+        missing = ["progress"]
+    if missing:
+        kind = "a best.pt (weights only)" if "scores" in data else "not a last.pt"
+        raise UserError(f"{path}: cannot resume from it: {kind}, it has no {', '.join(missing)}; "
+                        f"start a new run with --init-from {path} to begin from its weights")
 
 
 def _identity(meta: dict) -> dict:

@@ -20,8 +20,13 @@ import torch
 
 from cache.errors import UserError
 from cache.reader import CacheReader, SplitInfo
+from training.atomic import WriteError
 from training.device import autocast_context, resolve_device, synchronize, use_device
-from training.export import PngWriter, frame_file_stem, prepare_export_dir
+from training.export import PngWriter, check_export_dir, frame_file_stem, prepare_export_dir
+
+# --visualize DIR: new, empty, or one an earlier --visualize marked (training.outputs_folder)
+VISUALIZE_FOLDER = dict(kind="visualize", option="--visualize", command="evaluate --visualize")
+MAX_SCORES_FILE = 50 * 2**20     # a scores JSON is a few kB; a bigger --json file is not ours
 
 NO_SCORES = {"miou": None, "class_iou": {}, "pixel_accuracy": None, "category_iou": {},
              "category_miou": None}
@@ -41,11 +46,43 @@ def check_options(checkpoint, split: SplitInfo, *, batch_size: int, tta_scales: 
     if not split.has_masks and export_dir is None and visualize_dir is None:
         raise UserError(f"split {split.name!r} has no masks, so there is nothing to score; "
                         "give --export DIR (and/or --visualize DIR) to write its predictions")
-    if json_path is not None and Path(json_path).is_dir():
-        raise UserError(f"--json {json_path}: is a directory; give a file name")
+    if json_path is not None:
+        check_json_path(json_path)
+    check_output_dirs(export_dir, visualize_dir)
     if export_dir is not None or visualize_dir is not None:
         for name in split.frames:      # the benchmark's file names are made from these
             frame_file_stem(name)
+
+
+def check_json_path(json_path) -> None:
+    """--json FILE: new, or a scores file that `evaluate` wrote (never a user's own file)."""
+    path = Path(json_path)
+    if path.is_dir():
+        raise UserError(f"--json {json_path}: is a directory; give a file name")
+    if not path.exists():
+        return
+    try:
+        data = json.loads(path.read_text()) if path.stat().st_size <= MAX_SCORES_FILE else None
+    except (OSError, ValueError):
+        data = None
+    if not (isinstance(data, dict) and {"checkpoint", "split", "miou"} <= set(data)):
+        raise UserError(f"--json {json_path}: exists and is not a scores file of `evaluate`; "
+                        "choose another name (it is never overwritten)")
+
+
+def check_output_dirs(export_dir, visualize_dir) -> None:
+    """The picture folders, checked before any work (training.outputs_folder): nothing is
+    written here."""
+    from training.outputs_folder import check_output_dir
+
+    if export_dir is not None and visualize_dir is not None \
+            and Path(export_dir).resolve() == Path(visualize_dir).resolve():
+        raise UserError(f"--export and --visualize: give two folders (the export must hold "
+                        f"nothing but its PNGs), not {export_dir} twice")
+    if export_dir is not None:
+        check_export_dir(export_dir)
+    if visualize_dir is not None:
+        check_output_dir(visualize_dir, **VISUALIZE_FOLDER)
 
 
 def check_model_matches_cache(meta: dict, reader: CacheReader, checkpoint) -> None:
@@ -133,13 +170,13 @@ def run_evaluate(checkpoint, cache, split: str = "val", *, loader: str | None = 
     info = setup.info
     loader = loader or evaluation_loader(setup.meta)
     export = prepare_export_dir(export_dir) if export_dir is not None else None
-    vis = Path(visualize_dir) if visualize_dir is not None else None
+    vis = claim_visualize_dir(visualize_dir) if visualize_dir is not None else None
     batches = build_loader(cache, split, loader, train=False, batch_size=batch_size, aug=setup.aug,
                            device=setup.device, num_workers=num_workers)
     matrix = ConfusionMatrix(setup.reader.num_classes, setup.reader.ignore_index) \
         if info.has_masks else None
     writer = PngWriter(setup.reader.path, split, info.frames, export, vis)
-    with cudnn_autotuned(setup.device):
+    with cudnn_autotuned(setup.device), write_errors_in_one_line(export):
         frames, seconds = predict_split(setup, batches, matrix, writer, limit=limit,
                                         console=console, **tta)
         timing = time_model(setup.model, (info.height, info.width), setup.aug, setup.device,
@@ -159,9 +196,16 @@ def run_evaluate(checkpoint, cache, split: str = "val", *, loader: str | None = 
     }
     print_scores(result, console)
     if json_path is not None:
-        write_json(result, json_path)
+        with write_errors_in_one_line(export):
+            write_json(result, json_path)
     print_outputs(result, json_path, console)
     return result
+
+
+def claim_visualize_dir(visualize_dir) -> Path:
+    from training.outputs_folder import claim_output_dir
+
+    return claim_output_dir(visualize_dir, **VISUALIZE_FOLDER)
 
 
 def predict_split(setup: EvalSetup, batches, matrix, writer: PngWriter, *, limit: int | None,
@@ -190,6 +234,20 @@ def predict_split(setup: EvalSetup, batches, matrix, writer: PngWriter, *, limit
         return frames, time.perf_counter() - start
     finally:
         writer.shutdown()
+
+
+@contextmanager
+def write_errors_in_one_line(export_dir):
+    """A write that fails (a full disk) ends `evaluate` with one line: which file, why, and
+    what is left (whole files only: training.atomic removed the one being written)."""
+    try:
+        yield
+    except WriteError as exc:
+        again = " (--export needs a new or empty folder again)" if export_dir else ""
+        raise UserError(f"evaluate stopped: cannot write {exc.filename} "
+                        f"({exc.strerror or exc}); the files written before it are whole, no "
+                        f"scores JSON was written; fix that and run the command again{again}") \
+            from None
 
 
 @contextmanager
@@ -248,7 +306,9 @@ def print_outputs(result: dict, json_path, console) -> None:
 
 
 def write_json(result: dict, json_path) -> None:
-    path = Path(json_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # allow_nan=False: the file stays strict JSON (absent classes are null, never NaN)
-    path.write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
+    """Whole or not at all (training.atomic); allow_nan=False: the file stays strict JSON
+    (absent classes are null, never NaN)."""
+    from training import atomic
+
+    path = atomic.make_parent(json_path)
+    atomic.write_json(path, result)

@@ -69,6 +69,17 @@ def _as_numpy(array) -> np.ndarray:
     return np.asarray(array)
 
 
+def as_uint8_labels(preds) -> np.ndarray:
+    """uint8 host copy of label maps (trainIds < 256). A tensor is cast on its device before the
+    copy: an int64 argmax of a 2048x1024 frame is 16 MB, its uint8 2 MB. The cast wraps values
+    as numpy's astype does, so the bytes are those of `_as_numpy(preds).astype(np.uint8)`."""
+    if hasattr(preds, "detach"):
+        import torch
+
+        return preds.detach().to(torch.uint8).cpu().numpy()
+    return np.asarray(preds).astype(np.uint8, copy=False)
+
+
 def frame_file_stem(frame_name: str) -> tuple[str, str]:
     """("city", "city_seq_frame") of a cache frame name "city/city_seq_frame"."""
     match = _FRAME_NAME.match(frame_name)
@@ -78,21 +89,29 @@ def frame_file_stem(frame_name: str) -> tuple[str, str]:
     return match["city"], frame_name.split("/", 1)[1]
 
 
+EXPORT_FOLDER = dict(kind="export", option="--export", command="evaluate --export", mark=False,
+                     why=" (the benchmark wants nothing but the prediction PNGs in it)")
+
+
+def check_export_dir(out_dir: str | os.PathLike) -> None:
+    """Refuse a DIR that is not new or empty, writing nothing (training.outputs_folder: the
+    export gets no marker, since the benchmark takes the folder as it is)."""
+    from training.outputs_folder import check_output_dir
+
+    check_output_dir(out_dir, **EXPORT_FOLDER)
+
+
 def prepare_export_dir(out_dir: str | os.PathLike) -> Path:
     """Create DIR, or accept it if it is empty: the export must be the only thing in it."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--export {out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()):
-        raise UserError(f"--export {out}: directory is not empty; give a new or empty directory "
-                        "(the benchmark wants nothing but the prediction PNGs in it)")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+    from training.outputs_folder import claim_output_dir
+
+    return claim_output_dir(out_dir, **EXPORT_FOLDER)
 
 
 def export_predictions(preds, frame_names: Sequence[str], out_dir: str | os.PathLike) -> list[Path]:
-    """Write each (H, W) trainId prediction of `preds` (B, H, W) as an official labelIds PNG."""
-    from PIL import Image
+    """Write each (H, W) trainId prediction of `preds` (B, H, W) as an official labelIds PNG
+    (whole or not at all: training.atomic)."""
+    from training.atomic import make_parent, write_png
 
     preds = _as_numpy(preds)
     if len(preds) != len(frame_names):
@@ -100,9 +119,8 @@ def export_predictions(preds, frame_names: Sequence[str], out_dir: str | os.Path
     written = []
     for pred, frame_name in zip(preds, frame_names):
         city, stem = frame_file_stem(frame_name)
-        path = Path(out_dir) / city / f"{stem}_labelIds.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(trainid_to_labelid(pred)).save(path, compress_level=PNG_COMPRESS_LEVEL)
+        path = make_parent(Path(out_dir) / city / f"{stem}_labelIds.png")
+        write_png(path, trainid_to_labelid(pred), compress_level=PNG_COMPRESS_LEVEL)
         written.append(path)
     return written
 
@@ -129,7 +147,7 @@ class PngWriter:
         """Queue the (B, H, W) trainId predictions of cache rows `rows`."""
         if self.pool is None:
             return
-        preds = _as_numpy(preds).astype(np.uint8)
+        preds = as_uint8_labels(preds)       # cast on the device: 1/8 of the bytes to copy
         while len(self.pending) >= MAX_PENDING_WRITES:
             self.pending.popleft().result()          # re-raises a writer's error here
         self.pending.append(self.pool.submit(self._write, preds, rows))

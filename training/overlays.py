@@ -188,14 +188,14 @@ def _compose(panels: list[tuple[np.ndarray, str]], present: set[int], with_error
 
 def visualize(image_uint8, pred, out_dir: str | os.PathLike, frame_name: str, *, gt=None,
               ignore_index: int = 255) -> list[Path]:
-    """Write `<city>/<stem>_color.png` and `<city>/<stem>_overlay.png` (module docstring)."""
-    from PIL import Image
+    """Write `<city>/<stem>_color.png` and `<city>/<stem>_overlay.png` (module docstring), each
+    whole or not at all (training.atomic)."""
+    from training.atomic import make_parent, write_png
 
     city, stem = frame_file_stem(frame_name)
-    folder = Path(out_dir) / city
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = make_parent(Path(out_dir) / city / stem).parent
     paths = [folder / f"{stem}_color.png", folder / f"{stem}_overlay.png"]
     sheet = overlay_sheet(image_uint8, pred, gt, title=stem, ignore_index=ignore_index)
-    Image.fromarray(colorize(pred)).save(paths[0], compress_level=PNG_COMPRESS_LEVEL)
-    Image.fromarray(sheet).save(paths[1], compress_level=PNG_COMPRESS_LEVEL)
+    write_png(paths[0], colorize(pred), compress_level=PNG_COMPRESS_LEVEL)
+    write_png(paths[1], sheet, compress_level=PNG_COMPRESS_LEVEL)
     return paths

@@ -8,6 +8,8 @@ bar labelled with its value).
 """
 from __future__ import annotations
 
+import math
+
 import json
 import os
 from pathlib import Path
@@ -78,15 +80,16 @@ def loss_figure(train: list[dict], evals: list[dict] = ()):
     axis, the learning rate on a second one."""
     plt = _figure()
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in train], [r["loss"] for r in train], color="tab:blue",
-            label="train loss")
+    # a non-finite loss is logged as null (metrics.jsonl stays JSON): a gap in the curve
+    ax.plot([r["step"] for r in train], [math.nan if r["loss"] is None else r["loss"] for r in train],
+            color="tab:blue", label="train loss")
     val = [r for r in evals if r.get("val_loss") is not None]
     if val:
         ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], color="tab:red",
                 marker="o", label="val loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    losses = [r["loss"] for r in train] + [r["val_loss"] for r in val]
+    losses = [r["loss"] for r in train if r["loss"] is not None] + [r["val_loss"] for r in val]
     ax.set_yscale("log" if all(v > 0 for v in losses) else "linear")
     lr_axis = ax.twinx()
     lr_axis.plot([r["step"] for r in train], [r["lr"] for r in train], color="tab:orange",

@@ -9,13 +9,24 @@ Outputs, for an input frame whose name (relative to the input folder, or `<video
 for a video's frame n) is KEY: OUT/KEY_color.png (the prediction in the official Cityscapes
 colours) and OUT/KEY_overlay.png (it blended over the frame); with `video_path`, the overlays
 in input order as an H.264 MP4 (e.g. a city's frames as a time-lapse). OUT/predict.json records
-what was run and, at the end, how many frames were written. Files are written through a
-temporary name, so none is ever half-written; OUT must be new, empty, or an earlier `predict`
-output (it has predict.json), so that nothing we did not write is overwritten.
+what was run and, at the end, how many frames were written, the files written ("outputs") and
+the inputs that could not be predicted ("failed"). Files are written through a
+temporary name (training/atomic.py), so none is ever half-written; OUT follows the one
+output-folder rule (training/outputs_folder.py): new, empty, or marked by an earlier `predict`
+(or holding an older version's predict.json), so that nothing we did not write is overwritten.
+
+Inputs may come from anywhere (cache.safe_input): only regular files are read (a FIFO or
+device among them is reported, never opened for reading), a folder is searched with links
+followed but each folder once and at most 64 deep, and an image or video whose header declares
+more than PIL's decompression-bomb limit of pixels is refused before it is decoded. Two inputs
+that would be written under one name (a.png and a.jpg) are refused before any work. A bad input
+(unreadable, corrupt, too large, a video cut short) is reported in one line naming it and in
+predict.json's "failed", the others are predicted, and the run ends with complete: false
+(the command's exit status is then 3); when no frame at all could be predicted it is an error.
 """
 from __future__ import annotations
 
-import glob
+import functools
 import json
 import os
 import time
@@ -28,22 +39,27 @@ import numpy as np
 import torch
 
 from cache.errors import UserError
+from cache.safe_input import (MAX_IMAGE_PIXELS, PNG_SIGNATURE, BadInput, check_pixels,
+                                 check_regular, open_regular, png_header, walk_files)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
 MANIFEST = "predict.json"
 DEFAULT_FPS = 5.0        # image sequences: a time-lapse of a few frames a second
 MAX_PENDING_WRITES = 16  # frames' pictures in flight: bounds host memory
+EXIT_FAILED_INPUTS = 3   # some inputs could not be predicted (as `dataprep build --on-error skip`)
 
 
 @dataclass(frozen=True)
 class Inputs:
-    """What --input named: image files (with their output keys) or one video."""
+    """What --input named: image files (with their output keys) or one video, and the entries
+    found that cannot be read (path, problem)."""
 
     spec: str
     images: tuple[Path, ...] = ()
     keys: tuple[str, ...] = ()
     video: Path | None = None
+    problems: tuple[tuple[str, str], ...] = ()
 
     def __len__(self) -> int:
         return len(self.images)
@@ -53,11 +69,12 @@ def _is_glob(text: str) -> bool:
     return any(ch in text for ch in "*?[")
 
 
-def _glob_base(pattern: str) -> Path:
-    """The folder part of a glob before its first wildcard ("data/*/x_*.png" -> "data")."""
+def _glob_parts(pattern: str) -> tuple[Path, tuple[str, ...]]:
+    """(the folder before the first wildcard, the components from there):
+    "data/*/x_*.png" -> ("data", ("*", "x_*.png"))."""
     parts = Path(pattern).parts
-    fixed = [p for p in parts[: next(i for i, p in enumerate(parts) if _is_glob(p))]]
-    return Path(*fixed) if fixed else Path(".")
+    first = next(i for i, p in enumerate(parts) if _is_glob(p))
+    return (Path(*parts[:first]) if first else Path(".")), tuple(parts[first:])
 
 
 def _keys(paths: Sequence[Path], base: Path) -> tuple[str, ...]:
@@ -73,27 +90,55 @@ def _outside(paths, exclude: Path | None) -> list[Path]:
     return [p for p in paths if not p.resolve().is_relative_to(root)]
 
 
+def _found(text: str, paths: list[Path], base: Path, problems, exclude: Path | None) -> Inputs | None:
+    """The inputs found, or None when there is none and no problem either."""
+    paths = _outside(paths, exclude)
+    problems = tuple((os.fspath(p), f"{p}: {why}") for p, why in problems
+                     if exclude is None or not Path(p).resolve().is_relative_to(exclude.resolve()))
+    if not paths:
+        if problems:
+            raise UserError(f"--input {text}: no readable PNG or JPEG file; first problem: "
+                            f"{problems[0][1]}")
+        return None
+    keys = _keys(paths, base)
+    _refuse_clashes(text, paths, keys)
+    return Inputs(text, tuple(paths), keys, problems=problems)
+
+
+def _refuse_clashes(text: str, paths: Sequence[Path], keys: Sequence[str]) -> None:
+    """Two inputs whose pictures would have one name (a.png and a.jpg; case is ignored, as a
+    case-insensitive disk would): refused before any work."""
+    first: dict[str, Path] = {}
+    for path, key in zip(paths, keys):
+        other = first.setdefault(key.casefold(), path)
+        if other is not path:
+            raise UserError(f"--input {text}: {other} and {path} would both be written as "
+                            f"{key}_color.png and {key}_overlay.png; rename one, or give a glob "
+                            "that picks one (e.g. '*.png')")
+
+
 def find_inputs(spec: str, exclude: Path | None = None) -> Inputs:
     """Resolve --input: a glob, a folder, an image file or a video file; images under
     `exclude` (the output folder) are left out."""
     text = os.fspath(spec)
     if _is_glob(text) and not Path(text).exists():
-        paths = _outside(sorted(Path(p) for p in glob.glob(text, recursive=True)
-                                if Path(p).is_file() and Path(p).suffix.lower() in IMAGE_SUFFIXES),
-                         exclude)
-        if not paths:
+        base, match = _glob_parts(text)
+        paths, problems = (walk_files(base, IMAGE_SUFFIXES, match=match)
+                           if base.is_dir() else ([], []))
+        found = _found(text, paths, base, problems, exclude)
+        if found is None:
             raise UserError(f"--input {text}: no PNG or JPEG file matches")
-        base = _glob_base(text)
-        return Inputs(text, tuple(paths), _keys(paths, base))
+        return found
     path = Path(text)
     if path.is_dir():
-        paths = _outside(sorted(p for p in path.rglob("*")
-                                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES), exclude)
-        if not paths:
+        files, problems = walk_files(path, IMAGE_SUFFIXES)
+        found = _found(text, files, path, problems, exclude)
+        if found is None:
             raise UserError(f"--input {path}: no PNG or JPEG file in this folder")
-        return Inputs(text, tuple(paths), _keys(paths, path))
-    if not path.is_file():
+        return found
+    if not os.path.lexists(path):
         raise UserError(f"--input {path}: no such file or folder")
+    check_regular(path)
     suffix = path.suffix.lower()
     if suffix in IMAGE_SUFFIXES:
         return Inputs(text, (path,), (path.stem,))
@@ -103,63 +148,131 @@ def find_inputs(spec: str, exclude: Path | None = None) -> Inputs:
                     f"or a video ({', '.join(VIDEO_SUFFIXES)})")
 
 
-def read_image(path: Path) -> np.ndarray:
-    """(H, W, 3) uint8 RGB of a PNG/JPEG (grey, palette and alpha images are converted)."""
+def read_image(path: Path, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of a PNG/JPEG (grey, palette and alpha images are converted), read
+    only from a regular file and only if its header declares at most `max_pixels` pixels."""
     from PIL import Image, UnidentifiedImageError
 
+    _quiet_pil_bomb_warning()
     try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise UserError(f"{path}: cannot read this image ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0][:120] if str(exc) else 'truncated?'})") from None
+        with open_regular(path) as f:
+            head = f.read(len(PNG_SIGNATURE) + 25)
+            if head.startswith(PNG_SIGNATURE):         # its IHDR, before PIL sees the file
+                height, width, _, _ = png_header(path, head)
+                check_pixels(path, width, height, max_pixels)
+            f.seek(0)
+            with Image.open(f) as image:
+                check_pixels(path, *image.size, max_pixels)  # the header only: nothing decoded yet
+                return np.asarray(image.convert("RGB"))
+    except MemoryError:
+        raise BadInput(f"{path}: too large for this machine's memory") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
+            Image.DecompressionBombError) as exc:
+        raise BadInput(f"{path}: cannot read this image ({type(exc).__name__}: "
+                       f"{str(exc).splitlines()[0][:120] if str(exc) else 'truncated?'})") from None
+
+
+@functools.cache
+def _quiet_pil_bomb_warning() -> None:
+    """PIL warns (in several lines) of an image between its limit and twice it; we refuse such
+    an image ourselves, in one line."""
+    import warnings
+
+    from PIL import Image
+
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 def open_video(path: Path):
     """(container, stream) of a video file, or a one-line error."""
     import av
 
+    check_regular(path)
     try:
         container = av.open(os.fspath(path))
     except (av.FFmpegError, OSError) as exc:
-        raise UserError(f"{path}: cannot open this video ({type(exc).__name__}: {exc})") from None
+        raise BadInput(f"{path}: cannot open this video ({type(exc).__name__}: {exc})") from None
     if not container.streams.video:
         container.close()
-        raise UserError(f"{path}: has no video stream")
-    return container, container.streams.video[0]
+        raise BadInput(f"{path}: has no video stream")
+    stream = container.streams.video[0]
+    try:
+        check_pixels(path, stream.codec_context.width, stream.codec_context.height)
+    except BadInput:
+        container.close()
+        raise
+    return container, stream
 
 
-def iter_frames(inputs: Inputs, limit: int | None = None) -> Iterator[tuple[str, np.ndarray]]:
-    """(key, RGB uint8 frame) in input order; images are decoded one ahead in a thread."""
+def iter_frames(inputs: Inputs, limit: int | None = None,
+                bad=None) -> Iterator[tuple[str, str, np.ndarray]]:
+    """(key, source, RGB uint8 frame) in input order; images are decoded one ahead in a thread.
+    An input that cannot be read is passed to `bad(source, problem)` (default: raise) and
+    left out; a video that stops with an error, or before the frames its header declares, is
+    reported so once its readable frames have been given."""
+    def report(source: str, problem: str) -> None:
+        if bad is None:
+            raise UserError(problem)
+        bad(source, problem)
+
     if inputs.video is not None:
-        container, stream = open_video(inputs.video)
-        stem = inputs.video.stem
-        try:
-            for index, frame in enumerate(container.decode(stream)):
-                if limit is not None and index >= limit:
-                    return
-                yield f"{stem}/{stem}_{index:06d}", frame.to_ndarray(format="rgb24")
-        finally:
-            container.close()
+        yield from _video_frames(inputs.video, limit, report)
         return
     count = len(inputs) if limit is None else min(limit, len(inputs))
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(read_image, inputs.images[0]) if count else None
         for i in range(count):
-            image = pending.result()
+            try:
+                image, problem = pending.result(), None
+            except UserError as exc:
+                image, problem = None, str(exc)
             if i + 1 < count:
                 pending = pool.submit(read_image, inputs.images[i + 1])
-            yield inputs.keys[i], image
+            source = os.fspath(inputs.images[i])
+            if image is None:
+                report(source, problem)
+                continue
+            yield inputs.keys[i], source, image
+
+
+def _video_frames(path: Path, limit: int | None, report) -> Iterator[tuple[str, str, np.ndarray]]:
+    import av
+
+    source, stem = os.fspath(path), path.stem
+    container, stream = open_video(path)
+    declared, index, problem = stream.frames, 0, None
+    try:
+        decoded = container.decode(stream)
+        while limit is None or index < limit:
+            try:
+                frame = next(decoded, None)
+            except (av.FFmpegError, MemoryError) as exc:
+                problem = (f"{path}: cut short or corrupt after {index} frame(s) ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0][:120] if str(exc) else 'no detail'})")
+                break
+            if frame is None:
+                break
+            yield f"{stem}/{stem}_{index:06d}", f"{source} frame {index}", frame.to_ndarray(format="rgb24")
+            index += 1
+    finally:
+        container.close()
+    if problem is None and index == 0:
+        problem = f"{path}: no frame could be decoded (cut short or corrupt?)"
+    if problem is None and declared and index < (declared if limit is None else min(limit, declared)):
+        problem = f"{path}: ended after {index} of the {declared} frames its header declares (cut short?)"
+    if problem is not None:
+        report(source, problem)
 
 
 def batches_of_one_size(frames, batch_size: int):
-    """Lists of up to `batch_size` consecutive (key, frame) pairs whose frames share a size."""
+    """Lists of up to `batch_size` consecutive items, such as (key, frame) or (key, source,
+    frame), whose frames (each item's last element) share a size."""
     batch: list = []
-    for key, frame in frames:
-        if batch and (len(batch) == batch_size or batch[0][1].shape != frame.shape):
+    for item in frames:
+        if batch and (len(batch) == batch_size or batch[0][-1].shape != item[-1].shape):
             yield batch
             batch = []
-        batch.append((key, frame))
+        batch.append(item)
     if batch:
         yield batch
 
@@ -189,16 +302,15 @@ def frame_count(inputs: Inputs, limit: int | None) -> int | None:
 
 # -- where the pictures go ----------------------------------------------------------------------
 
-def prepare_out_dir(out_dir) -> Path:
-    """Create OUT, or accept it when empty or written by an earlier `predict` (predict.json)."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
-        raise UserError(f"--out {out}: holds files that `predict` did not write (no {MANIFEST}); "
-                        "give a new or empty folder")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+def prepare_out_dir(out_dir, *, claim: bool = True) -> Path:
+    """OUT under the one output-folder rule (training/outputs_folder.py): new, empty, or marked
+    by an earlier `predict` (or holding its predict.json: a folder from before the marker).
+    claim=False only checks; claim=True creates and marks it."""
+    from training.outputs_folder import check_output_dir, claim_output_dir
+
+    rule = claim_output_dir if claim else check_output_dir
+    rule(out_dir, "predict", option="--out", command="predict", legacy=(MANIFEST,))
+    return Path(out_dir)
 
 
 def check_video_path(video_path, out: Path) -> Path | None:
@@ -227,19 +339,17 @@ def read_manifest(out: Path) -> dict:
 
 
 def write_manifest(out: Path, record: dict) -> None:
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, out / MANIFEST)
+    from training.atomic import write_json
+
+    write_json(out / MANIFEST, record)
 
 
 def save_png(path: Path, array: np.ndarray) -> None:
-    """Through a temporary name: a kill leaves the old file or the new one, never a torn one."""
-    from PIL import Image
+    """Through a temporary name (training/atomic.py): a kill leaves the old file or the new one,
+    never a torn one. Not fsynced one by one (thousands of pictures); predict.json is."""
+    from training.atomic import make_parent, write_png
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(array).save(tmp, format="PNG", compress_level=1)
-    os.replace(tmp, path)
+    write_png(make_parent(path), array, compress_level=1, fsync=False)
 
 
 def overlay(frame: np.ndarray, pred: np.ndarray, alpha: float) -> np.ndarray:
@@ -347,12 +457,10 @@ def predict_frames(model, frames: Sequence[np.ndarray], device: torch.device, *,
     """(B, H, W) uint8 trainIds of same-size RGB frames, at their own size."""
     import torch.nn.functional as F
 
-    from loaders.contract import MEAN, STD
-    from training.tta import predict_logits
+    from training.tta import normalisation, predict_logits
 
     pixels = torch.from_numpy(np.stack(frames)).to(device, non_blocking=True)
-    mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
+    mean, std, _ = normalisation(device)
     image = (pixels.permute(0, 3, 1, 2).float() - mean) / std
     h, w = frames[0].shape[:2]
     if eval_scale != 1.0:
@@ -402,8 +510,9 @@ def run_predict(checkpoint, input_spec, out_dir, *, video_path=None, fps: float 
     if not Path(checkpoint).is_file():
         raise UserError(f"--checkpoint {checkpoint}: no such checkpoint file")
     inputs = find_inputs(input_spec, exclude=Path(out_dir))
+    total = frame_count(inputs, limit)          # also opens a video: refused here if it cannot be
+    video = check_video_path(video_path, prepare_out_dir(out_dir, claim=False))
     out = prepare_out_dir(out_dir)
-    video = check_video_path(video_path, out)
     device = resolve_device(device)
     use_device(device)
     autocast = autocast_context(amp, device)
@@ -418,42 +527,83 @@ def run_predict(checkpoint, input_spec, out_dir, *, video_path=None, fps: float 
         "alpha": alpha, "complete": False,
     }
     write_manifest(out, record)        # first: a later run may then rewrite what this one wrote
-    console.print(f"predict: {frame_count(inputs, limit) or 'all'} frame(s) of {input_spec} with "
+    console.print(f"predict: {total or 'all'} frame(s) of {input_spec} with "
                   f"{checkpoint} ({meta.get('arch')}/{meta.get('encoder')}) on {device} -> {out}"
                   + (f" and {video}" if video else ""), soft_wrap=True)
+    failed: list[dict] = []
+
+    def bad(source: str, problem: str) -> None:
+        failed.append({"input": source, "problem": problem})
+        console.print(f"predict: skipped {problem}", soft_wrap=True, markup=False, highlight=False)
+
+    for source, problem in inputs.problems:
+        bad(source, problem)
     writer = PictureWriter(out if images else None,
                            None if video is None else VideoWriter(video, record["fps"]), alpha)
-    frames, seconds = _predict_all(model, inputs, writer, record, limit, autocast, device, console)
-    record.update(complete=True, frames=frames, seconds=seconds,
-                  frames_per_s=frames / seconds if seconds > 0 else None)
+    keys, seconds = _predict_all(model, inputs, writer, record, limit, total, autocast, device,
+                                 console, bad)
+    frames = len(keys)
+    record.update(complete=not failed, frames=frames, seconds=seconds,
+                  frames_per_s=frames / seconds if seconds > 0 else None,
+                  outputs=[f"{key}_{kind}.png" for key in keys for kind in ("color", "overlay")]
+                  if images else [],
+                  failed=failed)
     write_manifest(out, record)
+    if failed and not frames:
+        more = f" (and {len(failed) - 1} more, listed in {out / MANIFEST})" if len(failed) > 1 else ""
+        raise UserError(f"no frame predicted: {failed[0]['problem']}{more}")
     console.print(f"predict: {frames} frame(s) in {seconds:.1f} s"
                   + (f"; colour and overlay PNGs in {out}" if images else "")
-                  + (f"; video {video}" if video else ""), soft_wrap=True)
+                  + (f"; video {video}" if video else "")
+                  + (f"; {len(failed)} input(s) could not be predicted (listed above and in "
+                     f"{out / MANIFEST}), exit status {EXIT_FAILED_INPUTS}" if failed else ""),
+                  soft_wrap=True)
     return record
 
 
-def _predict_all(model, inputs: Inputs, writer: PictureWriter, record: dict, limit, autocast,
-                 device, console) -> tuple[int, float]:
-    """(frames, seconds): every frame predicted and its pictures written."""
+def _out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError)):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text
+                                              or "not enough memory" in text)
+
+
+def _predict_all(model, inputs: Inputs, writer: PictureWriter, record: dict, limit, total,
+                 autocast, device, console, bad) -> tuple[list[str], float]:
+    """(keys of the frames predicted and written, seconds). A batch that runs out of memory is
+    reported frame by frame through `bad` and the run goes on."""
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                TimeElapsedColumn, TimeRemainingColumn)
 
     options = dict(eval_scale=record["eval_scale"], autocast=autocast,
                    tta_scales=tuple(record["tta_scales"]), tta_flip=record["tta_flip"])
-    start, frames, failed = time.perf_counter(), 0, True
+    start, written, aborted = time.perf_counter(), [], True
     columns = (TextColumn("[bold]predict"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn())
     try:
         with Progress(*columns, console=console, transient=True) as progress:
-            task = progress.add_task("predict", total=frame_count(inputs, limit))
-            for batch in batches_of_one_size(iter_frames(inputs, limit), record["batch_size"]):
-                keys, pictures = [k for k, _ in batch], [f for _, f in batch]
-                writer.submit(keys, pictures, predict_frames(model, pictures, device, **options))
-                frames += len(batch)
+            task = progress.add_task("predict", total=total)
+            for batch in batches_of_one_size(iter_frames(inputs, limit, bad), record["batch_size"]):
+                keys, sources, pictures = (list(column) for column in zip(*batch))
+                try:
+                    preds = predict_frames(model, pictures, device, **options)
+                except Exception as exc:   # noqa: BLE001 - only memory errors are handled
+                    if not _out_of_memory(exc):
+                        raise
+                    del exc
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    h, w = pictures[0].shape[:2]
+                    for source in sources:
+                        bad(source, f"{source}: out of memory predicting this {w}x{h} frame on "
+                                    f"{device} (try --eval-scale 0.5 or --batch-size 1)")
+                else:
+                    writer.submit(keys, pictures, preds)
+                    written.extend(keys)
                 progress.update(task, advance=len(batch))
         writer.finish()
-        failed = False
+        aborted = False
     finally:
-        writer.shutdown(failed)
-    return frames, time.perf_counter() - start
+        writer.shutdown(aborted)
+    return written, time.perf_counter() - start

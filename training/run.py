@@ -19,6 +19,21 @@ torch.random.fork_rng, so DataLoader's seed draw per iterator cannot shift it be
 resumed and an uninterrupted run. metrics.jsonl is cut back to the checkpoint's step, so
 that a resumed run's log equals an uninterrupted one's.
 
+The run dir. `--out` is claimed with a marker file before anything else is written
+(training.outputs_folder): a new or empty folder becomes a run dir, a non-empty folder without
+the marker is refused, and the marker records once that a last.pt was written, so that a run
+whose last.pt was deleted is refused rather than replaced (an older run dir without marker is
+known by its last.pt). A run dir with no checkpoint yet (killed before the first one) starts
+again from step 0, with or without --resume; --resume into a new folder starts a new run (the
+SLURM script always passes it).
+
+Failures. A write that fails (a full disk) and a divergence each end the run with one line:
+what happened, at which step, the last good checkpoint, what to do. The loss is only read at
+log points: a non-finite mean loss there (written as null in metrics.jsonl) stops the run when
+the weights are no longer finite, or after DIVERGED_AFTER_LOGS such lines in a row (fp16's
+GradScaler skips the odd overflowing step). Before each evaluation and checkpoint the weights
+are checked, so last.pt and best.pt never hold non-finite weights.
+
 Distributed. Under torchrun (WORLD_SIZE > 1) each rank trains on its shard
 (rank/world_size go to build_loader), gradients are averaged by DDP, BatchNorm buffers are
 broadcast from rank 0 before every evaluation (so all ranks hold identical weights), the
@@ -26,7 +41,10 @@ confusion matrix is summed over ranks, and only rank 0 writes files and shows pr
 """
 from __future__ import annotations
 
+import errno
+import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -42,6 +60,10 @@ from training.device import (DistEnv, broadcast_buffers, init_distributed, seed_
 from training.engine import DataWait, evaluate, rng_isolated, train_one_epoch
 
 LAST, BEST, METRICS = "last.pt", "best.pt", "metrics.jsonl"
+# Consecutive log lines with a non-finite mean loss (while the weights are still finite, as when
+# fp16's GradScaler skips overflowing steps) after which the run counts as diverged. Weights
+# that are no longer finite end the run at once.
+DIVERGED_AFTER_LOGS = 3
 # The scores an "eval" line of metrics.jsonl keeps (the confusion matrix goes to `evaluate`'s JSON).
 EVAL_LOG_KEYS = ("miou", "pixel_accuracy", "class_iou", "category_iou", "category_miou", "pixels")
 
@@ -60,6 +82,25 @@ class TimingTotals:
     @property
     def wait_share(self) -> float | None:
         return self.waited / self.seconds if self.seconds > 0 else None
+
+
+class Diverged(UserError):
+    """The loss (or the weights) stopped being finite: the run stops; last.pt is not touched."""
+
+
+class WriteFailed(UserError):
+    """A file of the run dir could not be written (a full disk): the run stops at that step."""
+
+
+def finite_or_none(value):
+    """`value` with every non-finite float replaced by None (metrics.jsonl is strict JSON)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(item) for item in value]
+    return value
 
 
 @dataclass
@@ -211,6 +252,8 @@ class Trainer:
         self.step, self.best_miou, self.last_eval = 0, None, None
         self.best_step = None
         self.saved_step = self.evaluated_step = -1
+        self.good_step = None           # the step of the last last.pt written (or resumed from)
+        self.nonfinite_logs = 0         # consecutive log lines with a non-finite loss
         self.window = LogWindow(env.device)
         self.timing = TimingTotals()
         self.tensorboard = None        # a TensorBoardSink while run() runs, with --tensorboard
@@ -257,22 +300,46 @@ class Trainer:
 
     # -- the run dir and checkpoints --------------------------------------------------------
     def _open_checkpoint(self, resume: bool) -> tuple[Path, dict] | None:
-        """(path, contents) of the checkpoint to resume from, if any. Refuses to overwrite a
-        run by accident, and a checkpoint of another model."""
-        from training.checkpoint import check_compatible, load_checkpoint
+        """(path, contents) of the checkpoint to resume from, if any. --out must be new, empty,
+        or a run dir of ours (training.outputs_folder; an older version's run dir is known by
+        its last.pt); refuses to overwrite a run by accident, a run that lost its last.pt, and a
+        checkpoint of another model. Only looks: every rank calls it."""
+        from training.checkpoint import check_compatible, check_training_state, load_checkpoint
+        from training.outputs_folder import check_output_dir
 
-        last = self.run_dir / LAST
-        if not resume:
-            if last.is_file():
-                raise UserError(f"--out {self.run_dir}: holds a run already ({LAST}); pass "
-                                "--resume to continue it, or choose another --out")
-            return None
-        if not last.is_file():
-            self._note(f"--resume: no {LAST} in {self.run_dir}; starting from step 0")
-            return None
-        data = load_checkpoint(last)
-        check_compatible(data["meta"], self.meta, last)
-        return last, data
+        run = self.run_dir
+        folder = check_output_dir(run, "run", option="--out", command="train", legacy=(LAST,))
+        last = run / LAST
+        if last.is_file():
+            if not resume:
+                raise UserError(f"--out {run}: holds a run already ({LAST}); pass --resume to "
+                                "continue it, or choose another --out")
+            data = load_checkpoint(last)
+            check_training_state(data, last)
+            check_compatible(data["meta"], self.meta, last)
+            return last, data
+        if folder.marker is not None and folder.marker.get("checkpointed"):
+            raise UserError(self._lost_checkpoint(resume))
+        if folder.marker is not None and not folder.empty:
+            self._note(f"{run}: the run there stopped before its first checkpoint; "
+                       "starting it again from step 0")
+        elif resume:      # scripts/slurm/train.sbatch: the first start passes --resume too
+            self._note(f"--resume: no run in {run} yet; starting a new one at step 0")
+        return None
+
+    def _lost_checkpoint(self, resume: bool) -> str:
+        """Why a run dir whose last.pt was deleted is neither resumed nor replaced."""
+        run = self.run_dir
+        kept = ", ".join(name for name in (BEST, METRICS) if (run / name).is_file())
+        kept = f" ({kept} kept)" if kept else ""
+        start_anew = (f"start a new run with another --out (--init-from {run / BEST} begins "
+                      "from its best weights)" if (run / BEST).is_file()
+                      else "start a new run with another --out")
+        if resume:
+            return (f"--resume: the run in {run} has no {LAST} any more (deleted?): nothing to "
+                    f"resume from{kept}; {start_anew}")
+        return (f"--out {run}: holds a run whose {LAST} is gone (deleted?); a new run there "
+                f"would replace what it left{kept}: {start_anew}")
 
     def _machine_notes(self) -> list[str]:
         """What this machine made of the per-machine settings (comments in config.yaml)."""
@@ -281,16 +348,23 @@ class Trainer:
                 f"{self.val_loader.num_workers}"]
 
     def _prepare_run_dir(self, resumed: bool) -> None:
+        """Mark --out as a run dir before anything else goes in (an older version's run dir is
+        marked on resume), then write the resolved config."""
+        from training.outputs_folder import MARKER, claim_output_dir, update_marker
         from training.plots import truncate_metrics
 
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(self.config, self.run_dir, notes=self._machine_notes())
-        if self.fold is not None:
-            from training.folds import write_fold_file
+        with self._writing(self.run_dir / MARKER):
+            claim_output_dir(self.run_dir, "run", option="--out", command="train", legacy=(LAST,))
+            if resumed:
+                update_marker(self.run_dir, checkpointed=True)
+        with self._writing(self.run_dir / "config.yaml"):
+            save_config(self.config, self.run_dir, notes=self._machine_notes())
+            if self.fold is not None:
+                from training.folds import write_fold_file
 
-            write_fold_file(self.fold, self.reader.split(self.fold.split).frames, self.run_dir)
-        if not resumed:     # a run killed before its first checkpoint may have left lines
-            truncate_metrics(self.run_dir / METRICS, 0)
+                write_fold_file(self.fold, self.reader.split(self.fold.split).frames, self.run_dir)
+            if not resumed:     # a run killed before its first checkpoint may have left lines
+                truncate_metrics(self.run_dir / METRICS, 0)
 
     def _restore(self, path: Path, data: dict) -> None:
         from training.checkpoint import load_model_state, restore_rng
@@ -305,6 +379,7 @@ class Trainer:
         self.step, self.best_miou = saved["step"], saved["best_miou"]
         self.best_step = saved.get("best_step")
         self.saved_step, self.evaluated_step = self.step, saved["evaluated_step"]
+        self.good_step = self.step
         self.window = LogWindow(self.env.device, **data["log_window"])
         states = data["rng"]
         restore_rng(states[self.env.rank] if len(states) == self.env.world_size else states[0])
@@ -327,28 +402,35 @@ class Trainer:
         """last.pt with everything an exact resume needs (all ranks take part: RNG gather)."""
         from training.checkpoint import save_checkpoint
 
+        self._stop_if_diverged()       # a checkpoint of non-finite weights would be no resume
         rng = gather_rng_states(self.env)
-        self.saved_step = self.step
-        if not self.env.is_main:
-            return
-        parts = self.parts
-        save_checkpoint(self.run_dir / LAST, {
-            "meta": self.meta, "model": unwrap(parts.model).state_dict(),
-            "optimizer": parts.optimizer.state_dict(), "scheduler": parts.scheduler.state_dict(),
-            "scaler": parts.scaler.state_dict(), "progress": self._progress(), "rng": rng,
-            "config": self.config.to_dict(), "world_size": self.env.world_size,
-            "log_window": self.window.state(),
-        })
+        if self.env.is_main:
+            parts = self.parts
+            with self._writing(self.run_dir / LAST):
+                save_checkpoint(self.run_dir / LAST, {
+                    "meta": self.meta, "model": unwrap(parts.model).state_dict(),
+                    "optimizer": parts.optimizer.state_dict(),
+                    "scheduler": parts.scheduler.state_dict(),
+                    "scaler": parts.scaler.state_dict(), "progress": self._progress(), "rng": rng,
+                    "config": self.config.to_dict(), "world_size": self.env.world_size,
+                    "log_window": self.window.state(),
+                })
+                if self.good_step is None:      # from now on the run dir has a run to resume
+                    from training.outputs_folder import update_marker
+
+                    update_marker(self.run_dir, checkpointed=True)
+        self.saved_step = self.good_step = self.step
 
     def _save_best(self, scores: dict) -> None:
         from training.checkpoint import save_checkpoint
 
-        save_checkpoint(self.run_dir / BEST, {
-            "meta": self.meta, "model": unwrap(self.parts.model).state_dict(),
-            "progress": self._progress(), "scores": {"miou": scores["miou"],
-                                                     "pixel_accuracy": scores["pixel_accuracy"]},
-            "config": self.config.to_dict(),
-        })
+        with self._writing(self.run_dir / BEST):
+            save_checkpoint(self.run_dir / BEST, {
+                "meta": self.meta, "model": unwrap(self.parts.model).state_dict(),
+                "progress": self._progress(),
+                "scores": {"miou": scores["miou"], "pixel_accuracy": scores["pixel_accuracy"]},
+                "config": self.config.to_dict(),
+            })
 
     def _progress(self) -> dict:
         return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "step": self.step,
@@ -471,14 +553,82 @@ class Trainer:
         if timed_steps:
             self.timing.add(timed_steps, seconds, waited)
         if self.env.is_main:
-            self._append(record)
+            self._append(record)        # a non-finite loss is written as null
+        self._check_loss(loss)
+        if self.env.is_main:
             wait = "-" if not step_time else f"{100 * data_time / step_time:.0f}%"
             self.progress.update(self.step, epoch=f"{record['epoch']:.2f}", loss=f"{loss:.4f}",
                                  lr=f"{record['lr']:.2e}", ips=f"{record['images_per_s'] or 0:.1f}",
                                  wait=wait)
 
+    # -- divergence: checked at log points and before checkpoints only (no sync per step) -----
+    def _check_loss(self, loss: float) -> None:
+        """After a log line: a non-finite mean loss with non-finite weights is a divergence; with
+        finite weights (fp16's GradScaler skipping overflowing steps) only when it lasts
+        DIVERGED_AFTER_LOGS log lines. The loss is the all-reduced one: ranks agree."""
+        if math.isfinite(loss):
+            self.nonfinite_logs = 0
+            return
+        self.nonfinite_logs += 1
+        if self.nonfinite_logs >= DIVERGED_AFTER_LOGS:
+            raise Diverged(self._divergence_message(
+                f"the mean loss was not finite ({loss}) at {self.nonfinite_logs} log lines "
+                "in a row"))
+        self._stop_if_diverged(f"the loss is {loss}")
+
+    def _weights_finite(self) -> bool:
+        """Every parameter and floating buffer finite, on every rank (one sync: call it only
+        where the loop waits anyway)."""
+        net = unwrap(self.parts.model)
+        tensors = [t.detach() for t in (*net.parameters(), *net.buffers()) if t.is_floating_point()]
+        if not tensors:
+            return True
+        bad = torch.stack([torch.isfinite(t).all() for t in tensors]).logical_not().any()
+        bad = bad.to(torch.int32)
+        if self.env.distributed:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return not bool(bad)
+
+    def _stop_if_diverged(self, what: str = "") -> None:
+        if not self._weights_finite():
+            what = f"{what}; " if what else ""
+            raise Diverged(self._divergence_message(f"{what}the weights are no longer finite"))
+
+    def _divergence_message(self, what: str) -> str:
+        lr = self.config.lr
+        lr = f"{lr:g}" if isinstance(lr, (int, float)) else lr
+        return (f"training diverged at step {self.step}: {what}; {self._kept()}; train again "
+                f"with a lower --lr (this run: {lr}) or a --warmup, under another --out")
+
+    def _kept(self) -> str:
+        """What a stopped run leaves to go on from."""
+        if self.good_step is None:
+            return "no checkpoint had been written yet"
+        return f"the last good checkpoint is {self.run_dir / LAST} (step {self.good_step})"
+
+    # -- writing into the run dir -------------------------------------------------------------
+    @contextmanager
+    def _writing(self, path: Path | str):
+        """An OSError while writing (a full disk) ends the run with one line: what failed, at
+        which step, what was kept and what to do; temporary files of the run dir are removed."""
+        try:
+            yield
+        except OSError as exc:
+            for leftover in (*self.run_dir.glob("*.tmp"), *self.run_dir.glob("*.tmp.png")):
+                leftover.unlink(missing_ok=True)
+            reason = exc.strerror or str(exc) or type(exc).__name__
+            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            if self.good_step is None:
+                then = ("free some space" if full else "fix that") + ", then run the same command"
+            else:
+                then = (("free some space" if full else "fix that") +
+                        f", then `train --out {self.run_dir} --resume` continues from it")
+            raise WriteFailed(f"train stopped at step {self.step}: cannot write {path} "
+                              f"({reason}); {self._kept()}; {then}") from None
+
     # -- evaluation -------------------------------------------------------------------------
     def _evaluate_and_save(self) -> None:
+        self._stop_if_diverged()        # scores of non-finite weights would mean nothing
         broadcast_buffers(self.parts.model)     # every rank evaluates (and keeps) rank 0's BN stats
         scores = self._validate()
         self.evaluated_step, self.last_eval = self.step, scores
@@ -525,12 +675,14 @@ class Trainer:
     def _append(self, record: dict) -> None:
         from training.plots import append_metrics
 
-        record = {**record, "time": time.time()}
-        append_metrics(self.run_dir / METRICS, record)
+        record = finite_or_none({**record, "time": time.time()})
+        with self._writing(self.run_dir / METRICS):
+            append_metrics(self.run_dir / METRICS, record)
         if self.tensorboard is not None:      # metrics.jsonl stays the record
             self.tensorboard(record)
 
     def _write_plots(self) -> None:
         from training.plots import read_metrics, write_plots
 
-        write_plots(read_metrics(self.run_dir / METRICS), self.run_dir)
+        with self._writing(f"the plots in {self.run_dir}"):
+            write_plots(read_metrics(self.run_dir / METRICS), self.run_dir)
