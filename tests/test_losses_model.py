@@ -234,20 +234,15 @@ def hub_at_a_closed_port(tmp_path, monkeypatch):
 
 
 def test_unreachable_hub_fails_at_once_without_retries(hub_at_a_closed_port):
-    import time
-
-    start = time.perf_counter()
     with pytest.raises(UserError) as caught:
         build_model("unet", "resnet18", 19, "imagenet", encoder_depth=3,
                     decoder_channels=(8, 8, 8))
-    seconds = time.perf_counter() - start
     port, sleeps = hub_at_a_closed_port
     message = str(caught.value)
     assert sleeps == [], "huggingface_hub took its retry path"
     assert message.startswith("--encoder-weights imagenet: cannot get the imagenet weights of "
                               f"encoder 'resnet18' (cannot reach 127.0.0.1:{port}")
     assert "--encoder-weights none" in message and "not cached under" in message
-    assert seconds < 15, f"{seconds:.1f} s: the hub's retries were not avoided"   # retries: ~25 s
 
 
 def test_unreachable_hub_still_loads_cached_weights(hub_at_a_closed_port):
@@ -271,24 +266,24 @@ def test_unreachable_hub_still_loads_cached_weights(hub_at_a_closed_port):
 
 def test_hub_probe_gives_up_on_a_hanging_connect(monkeypatch):
     import threading
-    import time
 
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    release = threading.Event()
+    release, answered = threading.Event(), threading.Event()
     class Hanging:                 # a connect that answers only when the test is over
         def __init__(self, *args, **kwargs):
             release.wait(30)
+            answered.set()
 
         def close(self):
             pass
 
     monkeypatch.setattr("socket.create_connection", Hanging)
-    start = time.perf_counter()
     reason = hub_unreachable_reason(timeout=0.2)
+    gave_up_first = not answered.is_set()     # it returned while the connect still hung
     release.set()
-    assert reason.endswith("(no answer within 0.2 s)") and time.perf_counter() - start < 2
+    assert reason.endswith("(no answer within 0.2 s)") and gave_up_first
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     assert hub_unreachable_reason() == "HF_HUB_OFFLINE is set"
 
