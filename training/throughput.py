@@ -13,10 +13,10 @@ import torch
 
 from cache.errors import UserError
 from loaders.contract import endless
-from training.builders import build_parts, build_split_loader, model_meta
-from training.config import TrainConfig
-from training.device import DistEnv, seed_everything, single_process, synchronize
-from training.engine import train_step
+from training.train.builders import build_parts, build_split_loader, model_meta
+from training.train.config import TrainConfig
+from training.core.device import DistEnv, seed_everything, single_process, synchronize
+from training.core.engine import train_step
 
 BENCH_KINDS = ("replay", "torch", "dali")
 

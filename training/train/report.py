@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from training.run import Trainer
+    from training.train.run import Trainer
 
 
 def describe_device(device: torch.device) -> str:
@@ -45,7 +45,7 @@ def describe_class_weights(spec: str | None) -> str:
 
 
 def banner_lines(trainer: "Trainer") -> list[str]:
-    from training.device import choose_precision
+    from training.core.device import choose_precision
 
     config, env = trainer.config, trainer.env
     train_frames = len(trainer.train_loader.rows) if hasattr(trainer.train_loader, "rows") else None

@@ -1,6 +1,6 @@
 """Where the computation runs: the device, the ranks of a torchrun job, precision and seeding.
 
-Shared by training (training.run), the loader benchmark (training.bench) and `evaluate`, so that
+Shared by training (training.train.run), the loader benchmark (training.throughput) and `evaluate`, so that
 `--device` and `--amp` mean the same, and are refused the same way, everywhere.
 """
 from __future__ import annotations

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from cache.errors import UserError
-from training.config import TrainConfig
-from training.device import (DistEnv, autocast_context, choose_precision, resolve_amp,
+from training.train.config import TrainConfig
+from training.core.device import (DistEnv, autocast_context, choose_precision, resolve_amp,
                              resolve_channels_last)
-from training.engine import TrainingParts
+from training.core.engine import TrainingParts
 
 
 def lr_factor(step: int, *, total: int, warmup: int, schedule: str, power: float) -> float:
@@ -47,7 +47,7 @@ def build_scheduler(optimizer, config: TrainConfig, total_steps: int):
 
 def model_meta(config: TrainConfig, reader) -> dict:
     """What load_for_eval and evaluate need to rebuild the model and read its output."""
-    from training.model import canonical_arch
+    from training.core.model import canonical_arch
 
     return {"arch": canonical_arch(config.arch), "encoder": config.encoder,
             "model_kwargs": dict(config.model_kwargs), "num_classes": reader.num_classes,
@@ -59,7 +59,7 @@ def model_meta(config: TrainConfig, reader) -> dict:
 
 def build_training_model(config: TrainConfig, meta: dict, env: DistEnv) -> nn.Module:
     """The smp model on the device; SyncBatchNorm and DDP when distributed."""
-    from training.model import (build_model, check_input_size, convert_sync_batchnorm,
+    from training.core.model import (build_model, check_input_size, convert_sync_batchnorm,
                                 freeze_unused_parameters)
 
     model = build_model(meta["arch"], meta["encoder"], meta["num_classes"],
@@ -100,7 +100,7 @@ def resolve_class_weights(spec: str | None, reader) -> str | None:
     if spec is None or spec == "none":
         return None
     if spec != "auto":
-        from training.losses import split_weights_spec
+        from training.core.losses import split_weights_spec
 
         path, method = split_weights_spec(spec)
         return f"{path.absolute()}:{method}"     # a resume from another folder finds it
@@ -125,13 +125,13 @@ def resolve_defaults(config: TrainConfig, reader, env: DistEnv) -> TrainConfig:
 
 def resolve_val_batch_size(config: TrainConfig, reader, env: DistEnv) -> int:
     """--val-batch-size auto (None): 1 on the CPU (as always); on CUDA the largest batch, up
-    to 8, whose estimated peak (training.memory: the validation pass at the val frames' size,
+    to 8, whose estimated peak (training.core.memory: the validation pass at the val frames' size,
     this run's precision, loss and optimiser state) fits the card with a margin. A number as
     given. Needs config's amp and channels_last resolved."""
     if config.val_batch_size is not None:
         return config.val_batch_size
-    from training.memory import auto_val_batch
-    from training.model import canonical_arch
+    from training.core.memory import auto_val_batch
+    from training.core.model import canonical_arch
 
     if env.device.type != "cuda":
         return auto_val_batch(env.device, config.arch, config.encoder, (0, 0), None)
@@ -145,7 +145,7 @@ def resolve_val_batch_size(config: TrainConfig, reader, env: DistEnv) -> int:
 
 
 def build_criterion(config: TrainConfig, reader, device: torch.device) -> nn.Module:
-    from training.losses import build_loss, load_class_weights
+    from training.core.losses import build_loss, load_class_weights
 
     weights = None
     spec = resolve_class_weights(config.class_weights, reader)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from training.model import input_divisor
+from training.core.model import input_divisor
 
 
 def count_parameters(model: nn.Module) -> int:

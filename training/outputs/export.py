@@ -1,4 +1,4 @@
-"""Predictions in the official benchmark format (pictures of them: training/overlays.py).
+"""Predictions in the official benchmark format (pictures of them: training/outputs/overlays.py).
 
 The benchmark server and cityscapesscripts' `evalPixelLevelSemanticLabeling` want, per frame, a
 single-channel uint8 PNG of labelIds (not trainIds) whose name starts with
@@ -94,24 +94,24 @@ EXPORT_FOLDER = dict(kind="export", option="--export", command="evaluate --expor
 
 
 def check_export_dir(out_dir: str | os.PathLike) -> None:
-    """Refuse a DIR that is not new or empty, writing nothing (training.outputs_folder: the
+    """Refuse a DIR that is not new or empty, writing nothing (training.outputs.folder: the
     export gets no marker, since the benchmark takes the folder as it is)."""
-    from training.outputs_folder import check_output_dir
+    from training.outputs.folder import check_output_dir
 
     check_output_dir(out_dir, **EXPORT_FOLDER)
 
 
 def prepare_export_dir(out_dir: str | os.PathLike) -> Path:
     """Create DIR, or accept it if it is empty: the export must be the only thing in it."""
-    from training.outputs_folder import claim_output_dir
+    from training.outputs.folder import claim_output_dir
 
     return claim_output_dir(out_dir, **EXPORT_FOLDER)
 
 
 def export_predictions(preds, frame_names: Sequence[str], out_dir: str | os.PathLike) -> list[Path]:
     """Write each (H, W) trainId prediction of `preds` (B, H, W) as an official labelIds PNG
-    (whole or not at all: training.atomic)."""
-    from training.atomic import make_parent, write_png
+    (whole or not at all: training.outputs.atomic)."""
+    from training.outputs.atomic import make_parent, write_png
 
     preds = _as_numpy(preds)
     if len(preds) != len(frame_names):
@@ -157,7 +157,7 @@ class PngWriter:
         if self.export_dir is not None:
             export_predictions(preds, names, self.export_dir)
         if self.visualize_dir is not None:
-            from training.overlays import visualize
+            from training.outputs.overlays import visualize
 
             for pred, row, name in zip(preds, rows, names):
                 image, mask = self.reader.read_frame(self.split, row)   # stored, full size

@@ -7,9 +7,9 @@ import time
 
 import torch
 
-from training.device import autocast_context, synchronize
-from training.model import input_divisor
-from training.tta import predict_logits
+from training.core.device import autocast_context, synchronize
+from training.core.model import input_divisor
+from training.core.tta import predict_logits
 
 
 @torch.no_grad()

@@ -4,7 +4,7 @@ largest evaluation batch that fits a card.
 How the peak is computed, not guessed: the model is built and run under torch's FakeTensorMode
 on a fake CUDA device, so every tensor has its real shape, dtype and memory format but no
 memory, and a 2048x1024 forward of DeepLabV3+ r101 costs about a second of CPU. The pass is the
-project's own (training.engine.evaluate: predict_logits with its TTA views, the optional
+project's own (training.core.engine.evaluate: predict_logits with its TTA views, the optional
 validation loss, argmax and the confusion-matrix update), under CUDA autocast when `amp` says,
 fed by a loader that holds `prefetch` batches ahead of the one being predicted. A
 TorchDispatchMode (`LiveBytes`) sees every tensor an aten op creates, remembers its storage
@@ -154,7 +154,7 @@ class EvalMemory:
 
 
 class _Batch:
-    """A loader batch as training.engine.predict reads it (image, mask, rows on the host)."""
+    """A loader batch as training.core.engine.predict reads it (image, mask, rows on the host)."""
 
     def __init__(self, image, mask, rows):
         self.image, self.mask, self.rows = image, mask, rows
@@ -188,9 +188,9 @@ def run_eval_pass(model: torch.nn.Module, *, batch: int, frame_hw: tuple[int, in
     (real or fake tensors, already on `device`) and return the live-bytes counter. Two
     batches: the second forward runs while the first batch's logits are still referenced
     (the prediction generator keeps them until its next assignment), the steady state."""
-    from training.engine import evaluate
-    from training.losses import build_loss
-    from training.metrics import ConfusionMatrix
+    from training.core.engine import evaluate
+    from training.core.losses import build_loss
+    from training.core.metrics import ConfusionMatrix
 
     input_hw = tuple(frame_hw) if input_hw is None else tuple(input_hw)
     device = torch.device(device)
@@ -234,7 +234,7 @@ def _estimate(arch: str, encoder: str, model_kwargs: tuple, num_classes: int,
               copies: int, prefetch: int) -> EvalMemory:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from training.model import build_model
+    from training.core.model import build_model
 
     kwargs = {key: (tuple(value) if isinstance(value, list) else value)
               for key, value in model_kwargs}
@@ -269,7 +269,7 @@ def eval_memory(arch: str, encoder: str, frame_hw: tuple[int, int] = (1024, 2048
     time with model `arch`/`encoder` (smp names, `model_kwargs` as in the config).
 
     amp: "fp16"/"bf16" autocast or None (float32). tta_scales/tta_flip: the views of
-    training.tta (run one after another, so flip adds a view's logits and probabilities, not a
+    training.core.tta (run one after another, so flip adds a view's logits and probabilities, not a
     second set of activations). eval_scale: the frames are resized by it before the model, the
     logits are scored at frame_hw. loss: the validation loss spec (training runs compute it;
     `evaluate` does not). optimizer: "sgd"/"adamw" when validating inside a training run
@@ -347,7 +347,7 @@ def auto_eval_batch(checkpoint, cache, split: str, *, device, amp: str | None,
     checkpoint's model, the split's frame size, --amp, --tta/--flip and --eval-scale (the
     `evaluate` pass: no loss, no optimiser state, the model in contiguous format). A mistake in
     the options is left for run_evaluate to report (batch 1 here)."""
-    from training.device import resolve_device
+    from training.core.device import resolve_device
 
     try:
         device = resolve_device(device)
@@ -357,7 +357,7 @@ def auto_eval_batch(checkpoint, cache, split: str, *, device, amp: str | None,
         return CPU_VAL_BATCH
     try:
         from cache.reader import CacheReader
-        from training.checkpoint import load_checkpoint
+        from training.train.checkpoint import load_checkpoint
 
         meta = load_checkpoint(checkpoint)["meta"]
         info = CacheReader(cache).split(split)

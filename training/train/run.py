@@ -20,7 +20,7 @@ resumed and an uninterrupted run. metrics.jsonl is cut back to the checkpoint's 
 that a resumed run's log equals an uninterrupted one's.
 
 The run dir. `--out` is claimed with a marker file before anything else is written
-(training.outputs_folder): a new or empty folder becomes a run dir, a non-empty folder without
+(training.outputs.folder): a new or empty folder becomes a run dir, a non-empty folder without
 the marker is refused, and the marker records once that a last.pt was written, so that a run
 whose last.pt was deleted is refused rather than replaced (an older run dir without marker is
 known by its last.pt). A run dir with no checkpoint yet (killed before the first one) starts
@@ -53,11 +53,11 @@ import torch.distributed as dist
 from torch import nn
 
 from cache.errors import UserError
-from training.builders import build_parts, build_split_loader, model_meta, resolve_defaults
-from training.config import TrainConfig, save_config
-from training.device import (DistEnv, broadcast_buffers, init_distributed, seed_everything,
+from training.train.builders import build_parts, build_split_loader, model_meta, resolve_defaults
+from training.train.config import TrainConfig, save_config
+from training.core.device import (DistEnv, broadcast_buffers, init_distributed, seed_everything,
                              unwrap)
-from training.engine import DataWait, evaluate, rng_isolated, train_one_epoch
+from training.core.engine import DataWait, evaluate, rng_isolated, train_one_epoch
 
 LAST, BEST, METRICS = "last.pt", "best.pt", "metrics.jsonl"
 # Consecutive log lines with a non-finite mean loss (while the weights are still finite, as when
@@ -115,7 +115,7 @@ class TrainResult:
 
 def run_training(config: TrainConfig, *, resume: bool = False) -> TrainResult:
     """Train per `config` (one process, or one rank of a torchrun job); see the module docstring."""
-    from training.preempt import StopSignals
+    from training.train.preempt import StopSignals
 
     env = init_distributed(config.device)
     try:
@@ -200,7 +200,7 @@ class LogWindow:
 
 def gather_rng_states(env: DistEnv) -> list[dict]:
     """Every rank's RNG states (all ranks must call it: it is a collective under torchrun)."""
-    from training.checkpoint import capture_rng
+    from training.train.checkpoint import capture_rng
 
     states = [None] * env.world_size
     if env.distributed:
@@ -217,13 +217,13 @@ class Trainer:
         from cache.reader import CacheReader
         from rich.console import Console
 
-        from training.folds import fold_for_config
+        from training.train.folds import fold_for_config
 
         self.config, self.env, self.run_dir = config, env, Path(config.out)
         self.console = Console(stderr=True) if env.is_main else None
         seed_everything(config.seed, config.deterministic)
         self.reader = CacheReader(config.cache)
-        self.stop = stop                   # a training.preempt.StopSignals, or None
+        self.stop = stop                   # a training.train.preempt.StopSignals, or None
         self.fold = fold_for_config(config, self.reader)     # cross-validation: val is a fold
         if self.fold is not None:
             fold = self.fold
@@ -260,7 +260,7 @@ class Trainer:
         if checkpoint is not None:
             self._restore(*checkpoint)
         elif config.init_from:             # weights only: optimiser, schedule and step are new
-            from training.init_from import load_initial_weights
+            from training.train.init_from import load_initial_weights
 
             self._note(load_initial_weights(unwrap(self.parts.model), config.init_from, self.meta))
         if env.is_main:
@@ -301,11 +301,11 @@ class Trainer:
     # -- the run dir and checkpoints --------------------------------------------------------
     def _open_checkpoint(self, resume: bool) -> tuple[Path, dict] | None:
         """(path, contents) of the checkpoint to resume from, if any. --out must be new, empty,
-        or a run dir of ours (training.outputs_folder; an older version's run dir is known by
+        or a run dir of ours (training.outputs.folder; an older version's run dir is known by
         its last.pt); refuses to overwrite a run by accident, a run that lost its last.pt, and a
         checkpoint of another model. Only looks: every rank calls it."""
-        from training.checkpoint import check_compatible, check_training_state, load_checkpoint
-        from training.outputs_folder import check_output_dir
+        from training.train.checkpoint import check_compatible, check_training_state, load_checkpoint
+        from training.outputs.folder import check_output_dir
 
         run = self.run_dir
         folder = check_output_dir(run, "run", option="--out", command="train", legacy=(LAST,))
@@ -350,8 +350,8 @@ class Trainer:
     def _prepare_run_dir(self, resumed: bool) -> None:
         """Mark --out as a run dir before anything else goes in (an older version's run dir is
         marked on resume), then write the resolved config."""
-        from training.outputs_folder import MARKER, claim_output_dir, update_marker
-        from training.plots import truncate_metrics
+        from training.outputs.folder import MARKER, claim_output_dir, update_marker
+        from training.train.plots import truncate_metrics
 
         with self._writing(self.run_dir / MARKER):
             claim_output_dir(self.run_dir, "run", option="--out", command="train", legacy=(LAST,))
@@ -360,15 +360,15 @@ class Trainer:
         with self._writing(self.run_dir / "config.yaml"):
             save_config(self.config, self.run_dir, notes=self._machine_notes())
             if self.fold is not None:
-                from training.folds import write_fold_file
+                from training.train.folds import write_fold_file
 
                 write_fold_file(self.fold, self.reader.split(self.fold.split).frames, self.run_dir)
             if not resumed:     # a run killed before its first checkpoint may have left lines
                 truncate_metrics(self.run_dir / METRICS, 0)
 
     def _restore(self, path: Path, data: dict) -> None:
-        from training.checkpoint import load_model_state, restore_rng
-        from training.plots import truncate_metrics
+        from training.train.checkpoint import load_model_state, restore_rng
+        from training.train.plots import truncate_metrics
 
         parts = self.parts
         load_model_state(unwrap(parts.model), data["model"], path)
@@ -400,7 +400,7 @@ class Trainer:
 
     def _save_last(self) -> None:
         """last.pt with everything an exact resume needs (all ranks take part: RNG gather)."""
-        from training.checkpoint import save_checkpoint
+        from training.train.checkpoint import save_checkpoint
 
         self._stop_if_diverged()       # a checkpoint of non-finite weights would be no resume
         rng = gather_rng_states(self.env)
@@ -416,13 +416,13 @@ class Trainer:
                     "log_window": self.window.state(),
                 })
                 if self.good_step is None:      # from now on the run dir has a run to resume
-                    from training.outputs_folder import update_marker
+                    from training.outputs.folder import update_marker
 
                     update_marker(self.run_dir, checkpointed=True)
         self.saved_step = self.good_step = self.step
 
     def _save_best(self, scores: dict) -> None:
-        from training.checkpoint import save_checkpoint
+        from training.train.checkpoint import save_checkpoint
 
         with self._writing(self.run_dir / BEST):
             save_checkpoint(self.run_dir / BEST, {
@@ -448,7 +448,7 @@ class Trainer:
         self._banner()
         self.progress = TrainProgress(self.console, self.total_steps, self.step)
         if self.env.is_main and self.config.tensorboard:
-            from training.tensorboard import TensorBoardSink
+            from training.train.tensorboard import TensorBoardSink
 
             self.tensorboard = TensorBoardSink(self.run_dir, start_step=self.step)
             self._note(f"  tensorboard {self.tensorboard.log_dir} (watch: tensorboard --logdir "
@@ -477,7 +477,7 @@ class Trainer:
         """What this run will do and where, before the first step."""
         if self.console is None:
             return
-        from training.report import banner_lines
+        from training.train.report import banner_lines
 
         for line in banner_lines(self):
             self.console.print(line, soft_wrap=True, highlight=False)
@@ -486,7 +486,7 @@ class Trainer:
         """What the run did, and what to run next."""
         if self.console is None:
             return
-        from training.report import summary_lines
+        from training.train.report import summary_lines
 
         for line in summary_lines(self):
             self.console.print(line, soft_wrap=True, highlight=False)
@@ -523,10 +523,10 @@ class Trainer:
         self._stop_if_asked()
 
     def _stop_if_asked(self) -> None:
-        """After SIGTERM/SIGUSR1 (training.preempt): last.pt at this step, then Preempted. The
+        """After SIGTERM/SIGUSR1 (training.train.preempt): last.pt at this step, then Preempted. The
         step's own evaluation or checkpoint came first, so a resumed run skips nothing. Under
         torchrun the ranks agree at log steps only (where the loop synchronises anyway)."""
-        from training.preempt import Preempted
+        from training.train.preempt import Preempted
 
         if self.stop is None or self.step >= self.total_steps:
             return
@@ -649,7 +649,7 @@ class Trainer:
 
     def _validate(self) -> dict:
         """Scores of the val split (or its first --limit frames per rank), over all ranks."""
-        from training.metrics import ConfusionMatrix
+        from training.core.metrics import ConfusionMatrix
 
         matrix = ConfusionMatrix(self.reader.num_classes, self.reader.ignore_index)
         device = self.env.device
@@ -673,7 +673,7 @@ class Trainer:
         return {**{key: scores[key] for key in EVAL_LOG_KEYS}, "val_loss": val_loss}
 
     def _append(self, record: dict) -> None:
-        from training.plots import append_metrics
+        from training.train.plots import append_metrics
 
         record = finite_or_none({**record, "time": time.time()})
         with self._writing(self.run_dir / METRICS):
@@ -682,7 +682,7 @@ class Trainer:
             self.tensorboard(record)
 
     def _write_plots(self) -> None:
-        from training.plots import read_metrics, write_plots
+        from training.train.plots import read_metrics, write_plots
 
         with self._writing(f"the plots in {self.run_dir}"):
             write_plots(read_metrics(self.run_dir / METRICS), self.run_dir)

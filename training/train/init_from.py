@@ -39,7 +39,7 @@ def _labels_differ(source: dict, target: dict) -> bool:
 def load_initial_weights(model: nn.Module, path: str | os.PathLike, meta: dict) -> str:
     """Copy the fitting tensors of checkpoint `path` into `model` (unwrapped, built from `meta`);
     returns the one-line summary. Refuses a checkpoint whose encoder does not fit."""
-    from training.checkpoint import load_checkpoint
+    from training.train.checkpoint import load_checkpoint
 
     path = Path(path)
     data = load_checkpoint(path)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.export import PNG_COMPRESS_LEVEL, _as_numpy, colorize, frame_file_stem
+from training.outputs.export import PNG_COMPRESS_LEVEL, _as_numpy, colorize, frame_file_stem
 
 MAX_PANEL_WIDTH = 1024        # a 2048x1024 frame gives a 2048-wide sheet of 1024-wide panels
 PREDICTION_ALPHA = 0.6        # class colour over the image: strong enough to compare with GT
@@ -189,8 +189,8 @@ def _compose(panels: list[tuple[np.ndarray, str]], present: set[int], with_error
 def visualize(image_uint8, pred, out_dir: str | os.PathLike, frame_name: str, *, gt=None,
               ignore_index: int = 255) -> list[Path]:
     """Write `<city>/<stem>_color.png` and `<city>/<stem>_overlay.png` (module docstring), each
-    whole or not at all (training.atomic)."""
-    from training.atomic import make_parent, write_png
+    whole or not at all (training.outputs.atomic)."""
+    from training.outputs.atomic import make_parent, write_png
 
     city, stem = frame_file_stem(frame_name)
     folder = make_parent(Path(out_dir) / city / stem).parent

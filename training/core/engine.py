@@ -2,7 +2,7 @@
 validation during training and the `evaluate` command share.
 
 Short functions over a model and a loader, as in torchvision's references/segmentation; when to
-call them, and what to write afterwards, is training.run's business.
+call them, and what to write afterwards, is training.train.run's business.
 """
 from __future__ import annotations
 
@@ -14,13 +14,13 @@ from typing import Any, Callable, Iterator, NamedTuple, Sequence
 import torch
 from torch import nn
 
-from training.device import unwrap
-from training.tta import predict_logits
+from training.core.device import unwrap
+from training.core.tta import predict_logits
 
 
 @dataclass
 class TrainingParts:
-    """What an optimiser step needs (built by training.builders.build_parts)."""
+    """What an optimiser step needs (built by training.train.builders.build_parts)."""
 
     model: nn.Module                 # on the device; DDP-wrapped under torchrun
     criterion: nn.Module

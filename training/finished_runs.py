@@ -54,7 +54,7 @@ def _from_eval_json(name: str, path: Path) -> dict:
 
 
 def _from_checkpoint(name: str, run: Path) -> dict:
-    from training.checkpoint import load_checkpoint
+    from training.train.checkpoint import load_checkpoint
 
     data = load_checkpoint(run / "best.pt")
     meta, scores = data.get("meta", {}), data.get("scores", {})
@@ -132,8 +132,8 @@ def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
 
 def fold_result(run: str | Path, pick: str = "last") -> dict:
     """A fold run's fold.json and its last (or best) evaluation in metrics.jsonl."""
-    from training.folds import read_fold_file
-    from training.plots import read_metrics
+    from training.train.folds import read_fold_file
+    from training.train.plots import read_metrics
 
     run = Path(run)
     fold = read_fold_file(run)

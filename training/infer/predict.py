@@ -11,8 +11,8 @@ colours) and OUT/KEY_overlay.png (it blended over the frame); with `video_path`,
 in input order as an H.264 MP4 (e.g. a city's frames as a time-lapse). OUT/predict.json records
 what was run and, at the end, how many frames were written, the files written ("outputs") and
 the inputs that could not be predicted ("failed"). Files are written through a
-temporary name (training/atomic.py), so none is ever half-written; OUT follows the one
-output-folder rule (training/outputs_folder.py): new, empty, or marked by an earlier `predict`
+temporary name (training/outputs/atomic.py), so none is ever half-written; OUT follows the one
+output-folder rule (training/outputs/folder.py): new, empty, or marked by an earlier `predict`
 (or holding an older version's predict.json), so that nothing we did not write is overwritten.
 
 Inputs may come from anywhere (cache.safe_input): only regular files are read (a FIFO or
@@ -303,10 +303,10 @@ def frame_count(inputs: Inputs, limit: int | None) -> int | None:
 # -- where the pictures go ----------------------------------------------------------------------
 
 def prepare_out_dir(out_dir, *, claim: bool = True) -> Path:
-    """OUT under the one output-folder rule (training/outputs_folder.py): new, empty, or marked
+    """OUT under the one output-folder rule (training/outputs/folder.py): new, empty, or marked
     by an earlier `predict` (or holding its predict.json: a folder from before the marker).
     claim=False only checks; claim=True creates and marks it."""
-    from training.outputs_folder import check_output_dir, claim_output_dir
+    from training.outputs.folder import check_output_dir, claim_output_dir
 
     rule = claim_output_dir if claim else check_output_dir
     rule(out_dir, "predict", option="--out", command="predict", legacy=(MANIFEST,))
@@ -339,22 +339,22 @@ def read_manifest(out: Path) -> dict:
 
 
 def write_manifest(out: Path, record: dict) -> None:
-    from training.atomic import write_json
+    from training.outputs.atomic import write_json
 
     write_json(out / MANIFEST, record)
 
 
 def save_png(path: Path, array: np.ndarray) -> None:
-    """Through a temporary name (training/atomic.py): a kill leaves the old file or the new one,
+    """Through a temporary name (training/outputs/atomic.py): a kill leaves the old file or the new one,
     never a torn one. Not fsynced one by one (thousands of pictures); predict.json is."""
-    from training.atomic import make_parent, write_png
+    from training.outputs.atomic import make_parent, write_png
 
     write_png(make_parent(path), array, compress_level=1, fsync=False)
 
 
 def overlay(frame: np.ndarray, pred: np.ndarray, alpha: float) -> np.ndarray:
     """The prediction's official colours blended over the frame (alpha: the colours' weight)."""
-    from training.export import colorize
+    from training.outputs.export import colorize
 
     return (frame * (1.0 - alpha) + colorize(pred) * alpha).round().astype(np.uint8)
 
@@ -431,7 +431,7 @@ class PictureWriter:
         self.video.add(overlay(frame, pred, self.alpha))
 
     def _write_pngs(self, key: str, frame: np.ndarray, pred: np.ndarray) -> None:
-        from training.export import colorize
+        from training.outputs.export import colorize
 
         save_png(self.out / f"{key}_color.png", colorize(pred))
         save_png(self.out / f"{key}_overlay.png", overlay(frame, pred, self.alpha))
@@ -457,7 +457,7 @@ def predict_frames(model, frames: Sequence[np.ndarray], device: torch.device, *,
     """(B, H, W) uint8 trainIds of same-size RGB frames, at their own size."""
     import torch.nn.functional as F
 
-    from training.tta import normalisation, predict_logits
+    from training.core.tta import normalisation, predict_logits
 
     pixels = torch.from_numpy(np.stack(frames)).to(device, non_blocking=True)
     mean, std, _ = normalisation(device)
@@ -500,8 +500,8 @@ def run_predict(checkpoint, input_spec, out_dir, *, video_path=None, fps: float 
     Returns the record also written to OUT/predict.json."""
     from rich.console import Console
 
-    from training.checkpoint import load_for_eval
-    from training.device import autocast_context, resolve_device, use_device
+    from training.train.checkpoint import load_for_eval
+    from training.core.device import autocast_context, resolve_device, use_device
 
     console = console or Console(stderr=True)
     tta_scales = tuple(float(s) for s in tta_scales)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from loaders.contract import MEAN, STD
-from training.model import input_divisor
+from training.core.model import input_divisor
 
 
 @functools.lru_cache(maxsize=16)

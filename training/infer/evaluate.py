@@ -1,6 +1,6 @@
 """The `evaluate` job: a checkpoint over a cache split -> official-grade scores, latency, exports.
 
-Predictions come from the same pass as validation during training (training.engine.evaluate):
+Predictions come from the same pass as validation during training (training.core.engine.evaluate):
 made at the mask's stored resolution (the image may be resized by eval_scale first, and TTA
 may add scales and a mirrored view), so the scores are those the official script gives for
 the same predictions at full size. A split without masks (test) is only predicted and
@@ -20,11 +20,11 @@ import torch
 
 from cache.errors import UserError
 from cache.reader import CacheReader, SplitInfo
-from training.atomic import WriteError
-from training.device import autocast_context, resolve_device, synchronize, use_device
-from training.export import PngWriter, check_export_dir, frame_file_stem, prepare_export_dir
+from training.outputs.atomic import WriteError
+from training.core.device import autocast_context, resolve_device, synchronize, use_device
+from training.outputs.export import PngWriter, check_export_dir, frame_file_stem, prepare_export_dir
 
-# --visualize DIR: new, empty, or one an earlier --visualize marked (training.outputs_folder)
+# --visualize DIR: new, empty, or one an earlier --visualize marked (training.outputs.folder)
 VISUALIZE_FOLDER = dict(kind="visualize", option="--visualize", command="evaluate --visualize")
 MAX_SCORES_FILE = 50 * 2**20     # a scores JSON is a few kB; a bigger --json file is not ours
 
@@ -71,9 +71,9 @@ def check_json_path(json_path) -> None:
 
 
 def check_output_dirs(export_dir, visualize_dir) -> None:
-    """The picture folders, checked before any work (training.outputs_folder): nothing is
+    """The picture folders, checked before any work (training.outputs.folder): nothing is
     written here."""
-    from training.outputs_folder import check_output_dir
+    from training.outputs.folder import check_output_dir
 
     if export_dir is not None and visualize_dir is not None \
             and Path(export_dir).resolve() == Path(visualize_dir).resolve():
@@ -115,7 +115,7 @@ def open_evaluation(checkpoint, cache, split: str, *, device, eval_scale: float,
                     **checked) -> EvalSetup:
     """Check every option, then load the model: a mistake costs no model load, no file."""
     from loaders.contract import AugmentConfig
-    from training.checkpoint import load_for_eval
+    from training.train.checkpoint import load_for_eval
 
     device = resolve_device(device)
     use_device(device)       # side threads (pin memory, DALI) open their context there
@@ -157,9 +157,9 @@ def run_evaluate(checkpoint, cache, split: str = "val", *, loader: str | None = 
     from rich.console import Console
 
     from loaders.contract import build_loader
-    from training.complexity import model_complexity
-    from training.latency import time_model
-    from training.metrics import ConfusionMatrix
+    from training.core.complexity import model_complexity
+    from training.core.latency import time_model
+    from training.core.metrics import ConfusionMatrix
 
     console = console or Console()
     tta = {"tta_scales": tuple(float(s) for s in tta_scales), "tta_flip": tta_flip}
@@ -203,7 +203,7 @@ def run_evaluate(checkpoint, cache, split: str = "val", *, loader: str | None = 
 
 
 def claim_visualize_dir(visualize_dir) -> Path:
-    from training.outputs_folder import claim_output_dir
+    from training.outputs.folder import claim_output_dir
 
     return claim_output_dir(visualize_dir, **VISUALIZE_FOLDER)
 
@@ -213,7 +213,7 @@ def predict_split(setup: EvalSetup, batches, matrix, writer: PngWriter, *, limit
     """(frames, seconds) of the prediction pass over the split, its PNGs all written."""
     from rich.progress import Progress
 
-    from training.engine import evaluate
+    from training.core.engine import evaluate
 
     info = setup.info
     start = time.perf_counter()
@@ -239,7 +239,7 @@ def predict_split(setup: EvalSetup, batches, matrix, writer: PngWriter, *, limit
 @contextmanager
 def write_errors_in_one_line(export_dir):
     """A write that fails (a full disk) ends `evaluate` with one line: which file, why, and
-    what is left (whole files only: training.atomic removed the one being written)."""
+    what is left (whole files only: training.outputs.atomic removed the one being written)."""
     try:
         yield
     except WriteError as exc:
@@ -306,9 +306,9 @@ def print_outputs(result: dict, json_path, console) -> None:
 
 
 def write_json(result: dict, json_path) -> None:
-    """Whole or not at all (training.atomic); allow_nan=False: the file stays strict JSON
+    """Whole or not at all (training.outputs.atomic); allow_nan=False: the file stays strict JSON
     (absent classes are null, never NaN)."""
-    from training import atomic
+    from training.outputs import atomic
 
     path = atomic.make_parent(json_path)
     atomic.write_json(path, result)

@@ -49,7 +49,7 @@ class TrainConfig:
     epochs: int | None = None          # neither epochs nor iters: DEFAULT_EPOCHS
     iters: int | None = None           # optimiser steps
     batch_size: int = 8                # per rank, per micro-batch
-    val_batch_size: int | None = None  # None (auto): 1 on the CPU, on CUDA what fits (training.memory)
+    val_batch_size: int | None = None  # None (auto): 1 on the CPU, on CUDA what fits (training.core.memory)
     grad_accum: int = 1
     lr: float | None = None            # None: DEFAULT_LR[optimizer]
     weight_decay: float | None = None  # None: DEFAULT_WEIGHT_DECAY[optimizer]
@@ -318,7 +318,7 @@ def resolve_config(flags: dict, config_file: str | None = None, *, resume: bool 
     file_values = parse_values(read_config_file(config_file), f"--config {config_file}") \
         if config_file else {}
     if resume:
-        from training.outputs_folder import check_output_dir
+        from training.outputs.folder import check_output_dir
 
         out = flags.get("out", file_values.get("out", TrainConfig.out))
         # a folder that is not a run of ours is refused before its config.yaml is read
@@ -376,7 +376,7 @@ def validate(config: TrainConfig) -> TrainConfig:
         raise UserError(f"--warmup {config.warmup} must be smaller than --iters {config.iters}")
     if not 0.0 <= config.flip_prob <= 1.0:
         raise UserError(f"--flip-prob must be in [0, 1], got {config.flip_prob}")
-    from training.losses import parse_loss_spec
+    from training.core.losses import parse_loss_spec
 
     parse_loss_spec(config.loss)
     if (config.folds is None) != (config.fold is None):
@@ -385,7 +385,7 @@ def validate(config: TrainConfig) -> TrainConfig:
         raise UserError(f"--fold {config.fold}: must be between 0 and {config.folds - 1} "
                         f"for --folds {config.folds}")
     if config.tensorboard:
-        from training.tensorboard import require_tensorboard
+        from training.train.tensorboard import require_tensorboard
 
         require_tensorboard()
     return config

@@ -39,12 +39,12 @@ PROGRESS_REQUIRED = ("step", "epoch", "batch_in_epoch", "best_miou", "evaluated_
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict) -> Path:
-    """Write `payload` (plus format and version) to `path` atomically (training.atomic: a
+    """Write `payload` (plus format and version) to `path` atomically (training.outputs.atomic: a
     failure, a full disk included, removes the temporary file and leaves the old `path` as it
     was). Ctrl-C and SIGTERM are held back while it writes (and delivered right after): an
     interrupt inside torch.save would surface as a torn-zip RuntimeError instead of a clean
     stop."""
-    from training.atomic import atomic_file
+    from training.outputs.atomic import atomic_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -196,7 +196,7 @@ def load_model_state(model: nn.Module, state: dict, path: str | os.PathLike) -> 
 
 def load_for_eval(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """(model in eval mode on `device`, meta) from best.pt or last.pt; never downloads."""
-    from training.model import build_model
+    from training.core.model import build_model
 
     data = load_checkpoint(path)
     meta = dict(data["meta"])
