@@ -15,6 +15,7 @@
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import sys
@@ -102,8 +103,6 @@ def die_with_parent(parent_pid: int) -> None:
     process for as long as it waits, holding the cache's files and shared memory."""
     if sys.platform != "linux":
         return
-    import ctypes
-
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)

@@ -232,7 +232,9 @@ def part_compare(args) -> dict:
     """The DALI graph on the GPU and on the CPU, same seed and samples."""
     import torch
 
-    from loaders import AugmentConfig, build_loader
+    from loaders import AugmentConfig
+
+    from loaders.factory import build_loader
     from loaders.contract import STD
 
     aug = AugmentConfig.square(RES)
@@ -260,7 +262,9 @@ def part_held(args) -> dict:
     """A batch the training loop still holds must not change while the loader runs on."""
     import torch
 
-    from loaders import AugmentConfig, build_loader
+    from loaders import AugmentConfig
+
+    from loaders.factory import build_loader
     from loaders.contract import endless
 
     out = {}
@@ -336,7 +340,9 @@ def late_fingerprints(args, kind: str, batches: int, *, delay: int, zero_copy: b
     waited for before the batch goes)."""
     import torch
 
-    from loaders import AugmentConfig, build_loader
+    from loaders import AugmentConfig
+
+    from loaders.factory import build_loader
     from loaders.contract import endless
 
     cuda = args.device == "cuda"

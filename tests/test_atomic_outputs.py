@@ -280,12 +280,13 @@ def test_export_and_visualize_cannot_share_a_folder(setup, tmp_path):
 
 
 def test_predictions_are_cast_to_uint8_on_the_device_with_the_same_bytes(tmp_path):
-    from training.outputs.export import PngWriter, _as_numpy, as_uint8_labels
+    from training.outputs.writer import PngWriter
+    from training.outputs.labels import as_numpy, as_uint8_labels
 
     preds = torch.randint(0, 19, (2, 8, 16))
     preds[0, 0, :4] = torch.tensor([0, 18, 254, 255])
     assert as_uint8_labels(preds).dtype == np.uint8
-    assert as_uint8_labels(preds).tobytes() == _as_numpy(preds).astype(np.uint8).tobytes()
+    assert as_uint8_labels(preds).tobytes() == as_numpy(preds).astype(np.uint8).tobytes()
     names = ["berlin/berlin_000000_000019", "berlin/berlin_000001_000019"]
     for kind, batch in (("int64", preds), ("uint8", preds.to(torch.uint8))):
         writer = PngWriter("unused", "val", names, tmp_path / kind, None)

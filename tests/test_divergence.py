@@ -17,7 +17,8 @@ from training.train import run as run_module
 from training.train.checkpoint import load_checkpoint
 from training.train.config import resolve_config
 from training.core.device import unwrap
-from training.train.run import DIVERGED_AFTER_LOGS, Diverged, run_training
+from training.train.guards import DIVERGED_AFTER_LOGS, Diverged
+from training.train.run import run_training
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 REPO = Path(__file__).resolve().parents[1]

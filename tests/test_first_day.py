@@ -62,7 +62,8 @@ def test_evaluate_uses_the_loader_the_run_validated_with(monkeypatch):
 
 
 def test_too_few_frames_names_the_batch_size_that_fits(cache):
-    from loaders.contract import AugmentConfig, build_loader
+    from loaders.contract import AugmentConfig
+    from loaders.factory import build_loader
 
     with pytest.raises(UserError, match="use --batch-size 6 or less"):
         build_loader(cache, "train", "torch", train=True, batch_size=8,

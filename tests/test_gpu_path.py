@@ -11,7 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loaders.contract import AugmentConfig, build_loader, cores_per_rank
+from loaders.contract import AugmentConfig, cores_per_rank
+
+from loaders.factory import build_loader
 from tests.cachefab import blocky_cache
 from tests.test_train import TINY_UNET
 from training.train.config import resolve_config

@@ -223,7 +223,7 @@ def test_walk_files_ends_on_link_loops_and_stops_deep_folders(tmp_path):
 def test_a_fifo_named_as_an_image_is_reported_not_read(tmp_path):
     noise_png(tmp_path / "in" / "good.png")
     os.mkfifo(tmp_path / "in" / "pipe.png")
-    code = ("from training.infer.predict import find_inputs\n"
+    code = ("from training.infer.inputs import find_inputs\n"
             f"inputs = find_inputs({str(tmp_path / 'in')!r})\n"
             "print([p.name for p in inputs.images], inputs.problems)\n"
             "try:\n"

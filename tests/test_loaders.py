@@ -18,7 +18,8 @@ import torch
 from cache.errors import UserError
 from cache.format import CacheError
 from cache.reader import CacheReader
-from loaders import AugmentConfig, build_loader
+from loaders import AugmentConfig
+from loaders.factory import build_loader
 from loaders.colour import colour_twist, normalise
 from loaders.contract import MEAN, STD
 from loaders.order import shard_indices

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from training.outputs.export import colorize
+from training.outputs.labels import colorize
 from training.outputs.overlays import (GAP, HATCH_RGB, WRONG_RGB, blend, error_panel, overlay_sheet,
                                visualize)
 

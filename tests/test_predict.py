@@ -12,9 +12,10 @@ from PIL import Image
 
 from cache.errors import UserError
 from tests.test_evaluate import tiny_checkpoint
-from training.outputs.export import colorize
+from training.outputs.labels import colorize
 from training.outputs.folder import MARKER
-from training.infer.predict import batches_of_one_size, find_inputs, run_predict
+from training.infer.inputs import batches_of_one_size, find_inputs
+from training.infer.predict import run_predict
 
 FAST = dict(device="cpu")
 

@@ -10,15 +10,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from cache.errors import UserError
-from training.outputs.export import (
-    LABELID_TO_TRAINID,
-    TRAINID_TO_LABELID,
-    colorize,
-    export_predictions,
-    labelid_to_trainid,
-    prepare_export_dir,
-    trainid_to_labelid,
-)
+from training.outputs.export import export_predictions, prepare_export_dir
+from training.outputs.labels import LABELID_TO_TRAINID, TRAINID_TO_LABELID, colorize, labelid_to_trainid, trainid_to_labelid
 from training.core.model import input_divisor
 from training.core.tta import predict_logits
 

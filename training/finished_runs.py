@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import Sequence
 
 from cache.errors import UserError
+from training.train.checkpoint import load_checkpoint
+from training.train.folds import read_fold_file
+from training.train.plots import read_metrics
 
 EVAL_NAME = "eval.json"
 COMPARE_COLUMNS = (("run", "Run"), ("arch", "Architecture"), ("encoder", "Encoder"),
@@ -54,8 +57,6 @@ def _from_eval_json(name: str, path: Path) -> dict:
 
 
 def _from_checkpoint(name: str, run: Path) -> dict:
-    from training.train.checkpoint import load_checkpoint
-
     data = load_checkpoint(run / "best.pt")
     meta, scores = data.get("meta", {}), data.get("scores", {})
     missing = ["mAcc", "params", "FLOPs", "latency"]
@@ -132,9 +133,6 @@ def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
 
 def fold_result(run: str | Path, pick: str = "last") -> dict:
     """A fold run's fold.json and its last (or best) evaluation in metrics.jsonl."""
-    from training.train.folds import read_fold_file
-    from training.train.plots import read_metrics
-
     run = Path(run)
     fold = read_fold_file(run)
     if fold is None:

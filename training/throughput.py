@@ -12,11 +12,12 @@ import time
 import torch
 
 from cache.errors import UserError
+from cache.reader import CacheReader
 from loaders.contract import endless
-from training.train.builders import build_parts, build_split_loader, model_meta
-from training.train.config import TrainConfig
 from training.core.device import DistEnv, seed_everything, single_process, synchronize
 from training.core.engine import train_step
+from training.train.builders import build_parts, build_split_loader, model_meta
+from training.train.config import TrainConfig
 
 BENCH_KINDS = ("replay", "torch", "dali")
 
@@ -92,8 +93,6 @@ def benchmark_training(config: TrainConfig, kinds=BENCH_KINDS, *, iters: int = 2
     """Training images/s with each loader kind against the replay ceiling. Single process.
     With rounds > 1 the kinds take turns, round after round, and the median counts: on a
     shared machine that spreads load changes over all kinds instead of charging them to one."""
-    from cache.reader import CacheReader
-
     kinds = check_request(kinds, iters, warmup, rounds)
     env = single_process(config.device)
     reader = CacheReader(config.cache)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from training.core.model import input_divisor
 
@@ -23,8 +24,6 @@ def count_parameters(model: nn.Module) -> int:
 def count_flops(model: nn.Module, input_hw: tuple[int, int], device=None) -> int:
     """FLOPs of one forward pass at batch 1 and `input_hw`, padded up to the multiple the model
     needs (as evaluation pads). The model's train/eval mode is kept; it runs in eval mode."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     divisor = input_divisor(model)
     h, w = (-(-int(side) // divisor) * divisor for side in input_hw)
     if device is None:

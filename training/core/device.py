@@ -6,9 +6,11 @@ Shared by training (training.train.run), the loader benchmark (training.throughp
 from __future__ import annotations
 
 import os
+import random
 from contextlib import nullcontext
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -87,10 +89,6 @@ def single_process(requested_device: str | torch.device | None) -> DistEnv:
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
-    import random
-
-    import numpy as np
-
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

@@ -7,6 +7,7 @@ import time
 
 import torch
 
+from loaders.sampling import eval_sample
 from training.core.device import autocast_context, synchronize
 from training.core.model import input_divisor
 from training.core.tta import predict_logits
@@ -45,8 +46,6 @@ def time_model(model, frame_hw: tuple[int, int], aug, device: torch.device, *,
 
     runs None: 50 timed passes on a GPU, 3 on the CPU (a big model takes seconds there);
     0: no timing (latencies None)."""
-    from loaders.sampling import eval_sample
-
     sample = eval_sample(0, frame_hw, aug)
     input_hw = (sample.out_h, sample.out_w)
     runs = (50 if device.type == "cuda" else 3) if runs is None else runs

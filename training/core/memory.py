@@ -36,9 +36,19 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
+from torch.profiler import profile, ProfilerActivity
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+
+from cache.reader import CacheReader
+from training.core.device import resolve_device
+from training.core.engine import evaluate
+from training.core.losses import build_loss
+from training.core.metrics import ConfusionMatrix
+from training.core.model import build_model
+from training.train.checkpoint import load_checkpoint
 
 MIB = 2 ** 20
 GIB = 2 ** 30
@@ -188,10 +198,6 @@ def run_eval_pass(model: torch.nn.Module, *, batch: int, frame_hw: tuple[int, in
     (real or fake tensors, already on `device`) and return the live-bytes counter. Two
     batches: the second forward runs while the first batch's logits are still referenced
     (the prediction generator keeps them until its next assignment), the steady state."""
-    from training.core.engine import evaluate
-    from training.core.losses import build_loss
-    from training.core.metrics import ConfusionMatrix
-
     input_hw = tuple(frame_hw) if input_hw is None else tuple(input_hw)
     device = torch.device(device)
     counter = LiveBytes()
@@ -232,10 +238,6 @@ def _estimate(arch: str, encoder: str, model_kwargs: tuple, num_classes: int,
               frame_hw: tuple[int, int], input_hw: tuple[int, int], batch: int, amp: str | None,
               tta_scales: tuple, tta_flip: bool, loss: str | None, channels_last: bool,
               copies: int, prefetch: int) -> EvalMemory:
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from training.core.model import build_model
-
     kwargs = {key: (tuple(value) if isinstance(value, list) else value)
               for key, value in model_kwargs}
     # "cuda:0", never a bare "cuda": fake tensors would ask the CUDA runtime for its current
@@ -347,8 +349,6 @@ def auto_eval_batch(checkpoint, cache, split: str, *, device, amp: str | None,
     checkpoint's model, the split's frame size, --amp, --tta/--flip and --eval-scale (the
     `evaluate` pass: no loss, no optimiser state, the model in contiguous format). A mistake in
     the options is left for run_evaluate to report (batch 1 here)."""
-    from training.core.device import resolve_device
-
     try:
         device = resolve_device(device)
     except Exception:
@@ -356,9 +356,6 @@ def auto_eval_batch(checkpoint, cache, split: str, *, device, amp: str | None,
     if device.type != "cuda":
         return CPU_VAL_BATCH
     try:
-        from cache.reader import CacheReader
-        from training.train.checkpoint import load_checkpoint
-
         meta = load_checkpoint(checkpoint)["meta"]
         info = CacheReader(cache).split(split)
         scales = tuple(float(s) for s in tta_scales)
@@ -375,8 +372,6 @@ def auto_eval_batch(checkpoint, cache, split: str, *, device, amp: str | None,
 def real_cpu_peak(model: torch.nn.Module, **pass_options) -> tuple[int, int]:
     """(live-bytes counter peak, allocator peak from torch.profiler) of the same evaluation
     pass on real CPU tensors: the check of the counter against what the CPU allocator saw."""
-    from torch.profiler import ProfilerActivity, profile
-
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         counter = run_eval_pass(model, device="cpu", **pass_options)
     events = [(event.start_ns(), event.nbytes()) for event in prof.profiler.kineto_results.events()

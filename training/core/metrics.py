@@ -23,12 +23,12 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.distributed as dist
+from cityscapesscripts.helpers.labels import name2label
 
 
 def _category_of(class_names: Sequence[str]) -> list[str | None]:
     """Cityscapes category of each class name (None for a name cityscapesscripts does not know)."""
-    from cityscapesscripts.helpers.labels import name2label
-
     return [name2label[name].category if name in name2label else None for name in class_names]
 
 
@@ -89,8 +89,6 @@ class ConfusionMatrix:
 
     def all_reduce(self) -> None:
         """Sum the counts over all ranks (no-op without an initialised process group)."""
-        import torch.distributed as dist
-
         if not (dist.is_available() and dist.is_initialized()):
             return
         if self.counts is None:   # a rank that saw no frame still takes part in the collective

@@ -10,13 +10,21 @@ fail at once), and the failure becomes a UserError that names the cause and the 
 """
 from __future__ import annotations
 
+import copy
+import difflib
+import inspect
 import os
 import socket
 import threading
 from contextlib import contextmanager, nullcontext
 from urllib.parse import urlsplit
+from urllib.request import getproxies, proxy_bypass
 
+import segmentation_models_pytorch as smp
+import torch
+from huggingface_hub import constants
 from torch import nn
+from torch.nn import SyncBatchNorm
 
 from cache.errors import UserError
 
@@ -30,8 +38,6 @@ _DOWNLOAD_ERROR_MODULES = ("huggingface_hub", "httpx", "httpx2", "requests", "ur
 
 
 def architectures() -> dict[str, type]:
-    import segmentation_models_pytorch as smp
-
     return dict(smp.MODEL_ARCHITECTURES_MAPPING)
 
 
@@ -57,8 +63,6 @@ def _is_download_error(exc: BaseException) -> bool:
 
 
 def _download_error(encoder: str, weights: str, exc: BaseException, cause: str) -> UserError:
-    from huggingface_hub import constants
-
     detail = str(exc).splitlines()[0].split(". ")[0][:160] if str(exc) else "no detail"
     return UserError(
         f"--encoder-weights {weights}: cannot get the {weights} weights of encoder {encoder!r} "
@@ -71,8 +75,6 @@ def hub_unreachable_reason(timeout: float = HUB_PROBE_TIMEOUT_S) -> str | None:
     within `timeout` seconds, else why not ("HF_HUB_OFFLINE is set", "cannot reach
     huggingface.co:443 (...)"). The lookup and connect run in a daemon thread, because a
     hanging DNS lookup ignores socket timeouts."""
-    from huggingface_hub import constants
-
     if constants.is_offline_mode():
         return "HF_HUB_OFFLINE is set"
     host, port = _first_hop(constants.ENDPOINT)
@@ -98,8 +100,6 @@ def _first_hop(endpoint: str) -> tuple[str, int]:
     """(host, port) a request to `endpoint` connects to first: the proxy that the environment
     names for it (HTTPS_PROXY, ALL_PROXY ... as huggingface_hub's HTTP client reads them),
     else the endpoint itself."""
-    from urllib.request import getproxies, proxy_bypass
-
     url = urlsplit(endpoint)
     proxies = getproxies()
     proxy = proxies.get(url.scheme) or proxies.get("all")
@@ -113,8 +113,6 @@ def _first_hop(endpoint: str) -> tuple[str, int]:
 def hub_offline():
     """The hub's own offline mode for the duration: cached files load, nothing is requested.
     huggingface_hub reads HF_HUB_OFFLINE once at import; is_offline_mode() reads this copy."""
-    from huggingface_hub import constants
-
     before = constants.HF_HUB_OFFLINE
     constants.HF_HUB_OFFLINE = True
     try:
@@ -127,9 +125,6 @@ def check_model_args(key: str, encoder: str, kw: dict) -> None:
     """Refuse --model-arg keys the architecture does not name: smp passes unknown keys on to
     the encoder, where most encoders drop them without a word (a typo would train the wrong
     model). timm encoders (tu-...) take their own keys, so those pass."""
-    import difflib
-    import inspect
-
     if encoder.startswith("tu-"):
         return
     cls = architectures()[key]
@@ -151,8 +146,6 @@ def build_model(arch: str, encoder: str, num_classes: int, encoder_weights: str 
                 **kw) -> nn.Module:
     """smp.create_model with our error handling. `kw` goes to the architecture (e.g.
     encoder_depth=3, decoder_channels=(32, 16, 8) for a tiny Unet)."""
-    import segmentation_models_pytorch as smp
-
     key = canonical_arch(arch)
     check_model_args(key, encoder, kw)
     if isinstance(encoder_weights, str) and encoder_weights.strip().lower() in ("none", ""):
@@ -218,8 +211,6 @@ def check_input_size(model: nn.Module, input_hw: tuple[int, int]) -> None:
 
 
 def convert_sync_batchnorm(model: nn.Module) -> nn.Module:
-    from torch.nn import SyncBatchNorm
-
     return SyncBatchNorm.convert_sync_batchnorm(model)
 
 
@@ -232,10 +223,6 @@ def freeze_unused_parameters(model: nn.Module, input_hw: tuple[int, int]) -> lis
     optimiser holds the same parameters whatever the world size (checkpoints stay portable).
     The probe runs on a copy, so the model's BatchNorm statistics and the RNG are untouched.
     """
-    import copy
-
-    import torch
-
     probe = copy.deepcopy(model).train()
     device = next(probe.parameters()).device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):

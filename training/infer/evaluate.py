@@ -17,12 +17,25 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
 
 from cache.errors import UserError
 from cache.reader import CacheReader, SplitInfo
-from training.outputs.atomic import WriteError
+from loaders.contract import AugmentConfig
+from loaders.factory import build_loader
+from training.core.complexity import model_complexity
 from training.core.device import autocast_context, resolve_device, synchronize, use_device
-from training.outputs.export import PngWriter, check_export_dir, frame_file_stem, prepare_export_dir
+from training.core.engine import evaluate
+from training.core.latency import time_model
+from training.core.metrics import ConfusionMatrix
+from training.outputs import atomic
+from training.outputs.atomic import WriteError
+from training.outputs.export import check_export_dir, frame_file_stem, prepare_export_dir
+from training.outputs.folder import check_output_dir, claim_output_dir
+from training.outputs.writer import PngWriter
+from training.train.checkpoint import load_for_eval
 
 # --visualize DIR: new, empty, or one an earlier --visualize marked (training.outputs.folder)
 VISUALIZE_FOLDER = dict(kind="visualize", option="--visualize", command="evaluate --visualize")
@@ -73,8 +86,6 @@ def check_json_path(json_path) -> None:
 def check_output_dirs(export_dir, visualize_dir) -> None:
     """The picture folders, checked before any work (training.outputs.folder): nothing is
     written here."""
-    from training.outputs.folder import check_output_dir
-
     if export_dir is not None and visualize_dir is not None \
             and Path(export_dir).resolve() == Path(visualize_dir).resolve():
         raise UserError(f"--export and --visualize: give two folders (the export must hold "
@@ -114,9 +125,6 @@ class EvalSetup:
 def open_evaluation(checkpoint, cache, split: str, *, device, eval_scale: float, amp: str | None,
                     **checked) -> EvalSetup:
     """Check every option, then load the model: a mistake costs no model load, no file."""
-    from loaders.contract import AugmentConfig
-    from training.train.checkpoint import load_for_eval
-
     device = resolve_device(device)
     use_device(device)       # side threads (pin memory, DALI) open their context there
     reader = CacheReader(cache)
@@ -154,13 +162,6 @@ def run_evaluate(checkpoint, cache, split: str = "val", *, loader: str | None = 
     None). amp: "bf16"/"fp16" autocast for inference, None for float32.
     Returns the result dict that is also written to json_path (when given).
     """
-    from rich.console import Console
-
-    from loaders.contract import build_loader
-    from training.core.complexity import model_complexity
-    from training.core.latency import time_model
-    from training.core.metrics import ConfusionMatrix
-
     console = console or Console()
     tta = {"tta_scales": tuple(float(s) for s in tta_scales), "tta_flip": tta_flip}
     setup = open_evaluation(checkpoint, cache, split, device=device, eval_scale=eval_scale,
@@ -203,18 +204,12 @@ def run_evaluate(checkpoint, cache, split: str = "val", *, loader: str | None = 
 
 
 def claim_visualize_dir(visualize_dir) -> Path:
-    from training.outputs.folder import claim_output_dir
-
     return claim_output_dir(visualize_dir, **VISUALIZE_FOLDER)
 
 
 def predict_split(setup: EvalSetup, batches, matrix, writer: PngWriter, *, limit: int | None,
                   tta_scales, tta_flip, console) -> tuple[int, float]:
     """(frames, seconds) of the prediction pass over the split, its PNGs all written."""
-    from rich.progress import Progress
-
-    from training.core.engine import evaluate
-
     info = setup.info
     start = time.perf_counter()
     try:
@@ -286,8 +281,6 @@ def _pct(value) -> str:
 
 def score_table(caption: str, scores: dict, mean):
     """name | IoU %, with the mean as footer; the number column never wraps."""
-    from rich.table import Table
-
     table = Table(show_footer=True)
     table.add_column(caption, footer="mean", overflow="fold")
     table.add_column("IoU %", justify="right", footer=_pct(mean), no_wrap=True, min_width=6)
@@ -308,7 +301,5 @@ def print_outputs(result: dict, json_path, console) -> None:
 def write_json(result: dict, json_path) -> None:
     """Whole or not at all (training.outputs.atomic); allow_nan=False: the file stays strict JSON
     (absent classes are null, never NaN)."""
-    from training.outputs import atomic
-
     path = atomic.make_parent(json_path)
     atomic.write_json(path, result)

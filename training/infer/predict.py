@@ -26,278 +26,33 @@ predict.json's "failed", the others are predicted, and the run ends with complet
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from PIL import Image
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from cache.errors import UserError
-from cache.safe_input import (MAX_IMAGE_PIXELS, PNG_SIGNATURE, BadInput, check_pixels,
-                                 check_regular, open_regular, png_header, walk_files)
+from training.core.device import autocast_context, resolve_device, use_device
+from training.core.tta import normalisation, predict_logits
+from training.infer.inputs import Inputs, batches_of_one_size, find_inputs, frame_count, iter_frames, video_rate
+from training.outputs.atomic import make_parent, write_json, write_png
+from training.outputs.folder import check_output_dir, claim_output_dir
+from training.outputs.labels import colorize
+from training.train.checkpoint import load_for_eval
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
 MANIFEST = "predict.json"
-DEFAULT_FPS = 5.0        # image sequences: a time-lapse of a few frames a second
 MAX_PENDING_WRITES = 16  # frames' pictures in flight: bounds host memory
 EXIT_FAILED_INPUTS = 3   # some inputs could not be predicted (as `dataprep build --on-error skip`)
-
-
-@dataclass(frozen=True)
-class Inputs:
-    """What --input named: image files (with their output keys) or one video, and the entries
-    found that cannot be read (path, problem)."""
-
-    spec: str
-    images: tuple[Path, ...] = ()
-    keys: tuple[str, ...] = ()
-    video: Path | None = None
-    problems: tuple[tuple[str, str], ...] = ()
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-
-def _is_glob(text: str) -> bool:
-    return any(ch in text for ch in "*?[")
-
-
-def _glob_parts(pattern: str) -> tuple[Path, tuple[str, ...]]:
-    """(the folder before the first wildcard, the components from there):
-    "data/*/x_*.png" -> ("data", ("*", "x_*.png"))."""
-    parts = Path(pattern).parts
-    first = next(i for i, p in enumerate(parts) if _is_glob(p))
-    return (Path(*parts[:first]) if first else Path(".")), tuple(parts[first:])
-
-
-def _keys(paths: Sequence[Path], base: Path) -> tuple[str, ...]:
-    """Output names: each path relative to `base`, without its suffix."""
-    return tuple(p.relative_to(base).with_suffix("").as_posix() for p in paths)
-
-
-def _outside(paths, exclude: Path | None) -> list[Path]:
-    """Paths not under `exclude` (--out inside the input folder: never read our own output)."""
-    if exclude is None:
-        return list(paths)
-    root = exclude.resolve()
-    return [p for p in paths if not p.resolve().is_relative_to(root)]
-
-
-def _found(text: str, paths: list[Path], base: Path, problems, exclude: Path | None) -> Inputs | None:
-    """The inputs found, or None when there is none and no problem either."""
-    paths = _outside(paths, exclude)
-    problems = tuple((os.fspath(p), f"{p}: {why}") for p, why in problems
-                     if exclude is None or not Path(p).resolve().is_relative_to(exclude.resolve()))
-    if not paths:
-        if problems:
-            raise UserError(f"--input {text}: no readable PNG or JPEG file; first problem: "
-                            f"{problems[0][1]}")
-        return None
-    keys = _keys(paths, base)
-    _refuse_clashes(text, paths, keys)
-    return Inputs(text, tuple(paths), keys, problems=problems)
-
-
-def _refuse_clashes(text: str, paths: Sequence[Path], keys: Sequence[str]) -> None:
-    """Two inputs whose pictures would have one name (a.png and a.jpg; case is ignored, as a
-    case-insensitive disk would): refused before any work."""
-    first: dict[str, Path] = {}
-    for path, key in zip(paths, keys):
-        other = first.setdefault(key.casefold(), path)
-        if other is not path:
-            raise UserError(f"--input {text}: {other} and {path} would both be written as "
-                            f"{key}_color.png and {key}_overlay.png; rename one, or give a glob "
-                            "that picks one (e.g. '*.png')")
-
-
-def find_inputs(spec: str, exclude: Path | None = None) -> Inputs:
-    """Resolve --input: a glob, a folder, an image file or a video file; images under
-    `exclude` (the output folder) are left out."""
-    text = os.fspath(spec)
-    if _is_glob(text) and not Path(text).exists():
-        base, match = _glob_parts(text)
-        paths, problems = (walk_files(base, IMAGE_SUFFIXES, match=match)
-                           if base.is_dir() else ([], []))
-        found = _found(text, paths, base, problems, exclude)
-        if found is None:
-            raise UserError(f"--input {text}: no PNG or JPEG file matches")
-        return found
-    path = Path(text)
-    if path.is_dir():
-        files, problems = walk_files(path, IMAGE_SUFFIXES)
-        found = _found(text, files, path, problems, exclude)
-        if found is None:
-            raise UserError(f"--input {path}: no PNG or JPEG file in this folder")
-        return found
-    if not os.path.lexists(path):
-        raise UserError(f"--input {path}: no such file or folder")
-    check_regular(path)
-    suffix = path.suffix.lower()
-    if suffix in IMAGE_SUFFIXES:
-        return Inputs(text, (path,), (path.stem,))
-    if suffix in VIDEO_SUFFIXES:
-        return Inputs(text, video=path)
-    raise UserError(f"--input {path}: not a PNG/JPEG image ({', '.join(IMAGE_SUFFIXES)}) "
-                    f"or a video ({', '.join(VIDEO_SUFFIXES)})")
-
-
-def read_image(path: Path, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
-    """(H, W, 3) uint8 RGB of a PNG/JPEG (grey, palette and alpha images are converted), read
-    only from a regular file and only if its header declares at most `max_pixels` pixels."""
-    from PIL import Image, UnidentifiedImageError
-
-    _quiet_pil_bomb_warning()
-    try:
-        with open_regular(path) as f:
-            head = f.read(len(PNG_SIGNATURE) + 25)
-            if head.startswith(PNG_SIGNATURE):         # its IHDR, before PIL sees the file
-                height, width, _, _ = png_header(path, head)
-                check_pixels(path, width, height, max_pixels)
-            f.seek(0)
-            with Image.open(f) as image:
-                check_pixels(path, *image.size, max_pixels)  # the header only: nothing decoded yet
-                return np.asarray(image.convert("RGB"))
-    except MemoryError:
-        raise BadInput(f"{path}: too large for this machine's memory") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
-            Image.DecompressionBombError) as exc:
-        raise BadInput(f"{path}: cannot read this image ({type(exc).__name__}: "
-                       f"{str(exc).splitlines()[0][:120] if str(exc) else 'truncated?'})") from None
-
-
-@functools.cache
-def _quiet_pil_bomb_warning() -> None:
-    """PIL warns (in several lines) of an image between its limit and twice it; we refuse such
-    an image ourselves, in one line."""
-    import warnings
-
-    from PIL import Image
-
-    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
-
-
-def open_video(path: Path):
-    """(container, stream) of a video file, or a one-line error."""
-    import av
-
-    check_regular(path)
-    try:
-        container = av.open(os.fspath(path))
-    except (av.FFmpegError, OSError) as exc:
-        raise BadInput(f"{path}: cannot open this video ({type(exc).__name__}: {exc})") from None
-    if not container.streams.video:
-        container.close()
-        raise BadInput(f"{path}: has no video stream")
-    stream = container.streams.video[0]
-    try:
-        check_pixels(path, stream.codec_context.width, stream.codec_context.height)
-    except BadInput:
-        container.close()
-        raise
-    return container, stream
-
-
-def iter_frames(inputs: Inputs, limit: int | None = None,
-                bad=None) -> Iterator[tuple[str, str, np.ndarray]]:
-    """(key, source, RGB uint8 frame) in input order; images are decoded one ahead in a thread.
-    An input that cannot be read is passed to `bad(source, problem)` (default: raise) and
-    left out; a video that stops with an error, or before the frames its header declares, is
-    reported so once its readable frames have been given."""
-    def report(source: str, problem: str) -> None:
-        if bad is None:
-            raise UserError(problem)
-        bad(source, problem)
-
-    if inputs.video is not None:
-        yield from _video_frames(inputs.video, limit, report)
-        return
-    count = len(inputs) if limit is None else min(limit, len(inputs))
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(read_image, inputs.images[0]) if count else None
-        for i in range(count):
-            try:
-                image, problem = pending.result(), None
-            except UserError as exc:
-                image, problem = None, str(exc)
-            if i + 1 < count:
-                pending = pool.submit(read_image, inputs.images[i + 1])
-            source = os.fspath(inputs.images[i])
-            if image is None:
-                report(source, problem)
-                continue
-            yield inputs.keys[i], source, image
-
-
-def _video_frames(path: Path, limit: int | None, report) -> Iterator[tuple[str, str, np.ndarray]]:
-    import av
-
-    source, stem = os.fspath(path), path.stem
-    container, stream = open_video(path)
-    declared, index, problem = stream.frames, 0, None
-    try:
-        decoded = container.decode(stream)
-        while limit is None or index < limit:
-            try:
-                frame = next(decoded, None)
-            except (av.FFmpegError, MemoryError) as exc:
-                problem = (f"{path}: cut short or corrupt after {index} frame(s) ({type(exc).__name__}: "
-                           f"{str(exc).splitlines()[0][:120] if str(exc) else 'no detail'})")
-                break
-            if frame is None:
-                break
-            yield f"{stem}/{stem}_{index:06d}", f"{source} frame {index}", frame.to_ndarray(format="rgb24")
-            index += 1
-    finally:
-        container.close()
-    if problem is None and index == 0:
-        problem = f"{path}: no frame could be decoded (cut short or corrupt?)"
-    if problem is None and declared and index < (declared if limit is None else min(limit, declared)):
-        problem = f"{path}: ended after {index} of the {declared} frames its header declares (cut short?)"
-    if problem is not None:
-        report(source, problem)
-
-
-def batches_of_one_size(frames, batch_size: int):
-    """Lists of up to `batch_size` consecutive items, such as (key, frame) or (key, source,
-    frame), whose frames (each item's last element) share a size."""
-    batch: list = []
-    for item in frames:
-        if batch and (len(batch) == batch_size or batch[0][-1].shape != item[-1].shape):
-            yield batch
-            batch = []
-        batch.append(item)
-    if batch:
-        yield batch
-
-
-def video_rate(inputs: Inputs) -> float:
-    """The input video's frame rate, else DEFAULT_FPS."""
-    if inputs.video is None:
-        return DEFAULT_FPS
-    container, stream = open_video(inputs.video)
-    try:
-        rate = stream.average_rate or stream.guessed_rate
-        return float(rate) if rate else DEFAULT_FPS
-    finally:
-        container.close()
-
-
-def frame_count(inputs: Inputs, limit: int | None) -> int | None:
-    """Frames to predict, for the progress bar (None when a video does not say)."""
-    if inputs.video is None:
-        total = len(inputs)
-    else:
-        container, stream = open_video(inputs.video)
-        total = stream.frames or None
-        container.close()
-    return total if total is None or limit is None else min(total, limit)
 
 
 # -- where the pictures go ----------------------------------------------------------------------
@@ -306,8 +61,6 @@ def prepare_out_dir(out_dir, *, claim: bool = True) -> Path:
     """OUT under the one output-folder rule (training/outputs/folder.py): new, empty, or marked
     by an earlier `predict` (or holding its predict.json: a folder from before the marker).
     claim=False only checks; claim=True creates and marks it."""
-    from training.outputs.folder import check_output_dir, claim_output_dir
-
     rule = claim_output_dir if claim else check_output_dir
     rule(out_dir, "predict", option="--out", command="predict", legacy=(MANIFEST,))
     return Path(out_dir)
@@ -339,23 +92,17 @@ def read_manifest(out: Path) -> dict:
 
 
 def write_manifest(out: Path, record: dict) -> None:
-    from training.outputs.atomic import write_json
-
     write_json(out / MANIFEST, record)
 
 
 def save_png(path: Path, array: np.ndarray) -> None:
     """Through a temporary name (training/outputs/atomic.py): a kill leaves the old file or the new one,
     never a torn one. Not fsynced one by one (thousands of pictures); predict.json is."""
-    from training.outputs.atomic import make_parent, write_png
-
     write_png(make_parent(path), array, compress_level=1, fsync=False)
 
 
 def overlay(frame: np.ndarray, pred: np.ndarray, alpha: float) -> np.ndarray:
     """The prediction's official colours blended over the frame (alpha: the colours' weight)."""
-    from training.outputs.export import colorize
-
     return (frame * (1.0 - alpha) + colorize(pred) * alpha).round().astype(np.uint8)
 
 
@@ -371,8 +118,6 @@ class VideoWriter:
         self.frames = 0
 
     def _open(self, height: int, width: int) -> None:
-        from fractions import Fraction
-
         import av
 
         self.container = av.open(os.fspath(self.tmp), mode="w")
@@ -383,8 +128,6 @@ class VideoWriter:
 
     def add(self, rgb: np.ndarray) -> None:
         import av
-        from PIL import Image
-
         if self.container is None:
             self._open(*rgb.shape[:2])
         h, w = self.stream.height, self.stream.width
@@ -431,8 +174,6 @@ class PictureWriter:
         self.video.add(overlay(frame, pred, self.alpha))
 
     def _write_pngs(self, key: str, frame: np.ndarray, pred: np.ndarray) -> None:
-        from training.outputs.export import colorize
-
         save_png(self.out / f"{key}_color.png", colorize(pred))
         save_png(self.out / f"{key}_overlay.png", overlay(frame, pred, self.alpha))
 
@@ -455,10 +196,6 @@ class PictureWriter:
 def predict_frames(model, frames: Sequence[np.ndarray], device: torch.device, *, eval_scale: float,
                    autocast, tta_scales: Sequence[float], tta_flip: bool) -> np.ndarray:
     """(B, H, W) uint8 trainIds of same-size RGB frames, at their own size."""
-    import torch.nn.functional as F
-
-    from training.core.tta import normalisation, predict_logits
-
     pixels = torch.from_numpy(np.stack(frames)).to(device, non_blocking=True)
     mean, std, _ = normalisation(device)
     image = (pixels.permute(0, 3, 1, 2).float() - mean) / std
@@ -498,11 +235,6 @@ def run_predict(checkpoint, input_spec, out_dir, *, video_path=None, fps: float 
                 console=None) -> dict:
     """Predict every frame of `input_spec` with `checkpoint`; see the module docstring.
     Returns the record also written to OUT/predict.json."""
-    from rich.console import Console
-
-    from training.train.checkpoint import load_for_eval
-    from training.core.device import autocast_context, resolve_device, use_device
-
     console = console or Console(stderr=True)
     tta_scales = tuple(float(s) for s in tta_scales)
     check_options(batch_size=batch_size, tta_scales=tta_scales, alpha=alpha, limit=limit, fps=fps,
@@ -573,9 +305,6 @@ def _predict_all(model, inputs: Inputs, writer: PictureWriter, record: dict, lim
                  autocast, device, console, bad) -> tuple[list[str], float]:
     """(keys of the frames predicted and written, seconds). A batch that runs out of memory is
     reported frame by frame through `bad` and the run goes on."""
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
-
     options = dict(eval_scale=record["eval_scale"], autocast=autocast,
                    tta_scales=tuple(record["tta_scales"]), tta_flip=record["tta_flip"])
     start, written, aborted = time.perf_counter(), [], True

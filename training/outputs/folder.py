@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Sequence
 
 from cache.errors import UserError
+from training.outputs.atomic import TMP_SUFFIX, write_json
 
 MARKER = ".cityscapes-output"
 
@@ -57,8 +58,6 @@ def read_marker(folder: str | os.PathLike) -> dict | None:
 
 def write_marker(folder: str | os.PathLike, kind: str, command: str, **fields) -> Path:
     """Write (or rewrite) the marker of `folder`, atomically."""
-    from training.outputs.atomic import write_json
-
     record = {"kind": kind, "by": command,
               "note": f"written by `{command}`: it writes into this folder again, and into no "
                       "non-empty folder without this file", **fields}
@@ -67,8 +66,6 @@ def write_marker(folder: str | os.PathLike, kind: str, command: str, **fields) -
 
 def update_marker(folder: str | os.PathLike, **fields) -> None:
     """Add `fields` to the marker of `folder` (which must have one)."""
-    from training.outputs.atomic import write_json
-
     record = {**(read_marker(folder) or {}), **fields}
     write_json(Path(folder) / MARKER, record)
 
@@ -76,8 +73,6 @@ def update_marker(folder: str | os.PathLike, **fields) -> None:
 def inspect_output_dir(path: str | os.PathLike, legacy: Sequence[str] = ()) -> OutputFolder:
     """What `path` is, without touching it. `legacy`: file names whose presence (without a
     marker) shows that an older version of the command wrote the folder."""
-    from training.outputs.atomic import TMP_SUFFIX
-
     path = Path(path)
     if not path.exists():
         return OutputFolder(path, False, [], None)

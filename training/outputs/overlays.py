@@ -18,8 +18,12 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+from cityscapesscripts.helpers.labels import trainId2label
+from PIL import Image, ImageDraw, ImageFont
 
-from training.outputs.export import PNG_COMPRESS_LEVEL, _as_numpy, colorize, frame_file_stem
+from training.outputs.atomic import PNG_COMPRESS_LEVEL, make_parent, write_png
+from training.outputs.export import frame_file_stem
+from training.outputs.labels import as_numpy, colorize
 
 MAX_PANEL_WIDTH = 1024        # a 2048x1024 frame gives a 2048-wide sheet of 1024-wide panels
 PREDICTION_ALPHA = 0.6        # class colour over the image: strong enough to compare with GT
@@ -29,8 +33,6 @@ GAP, PAD = 4, 6               # pixels between panels; padding inside labels and
 
 
 def _trainid_names() -> list[str]:
-    from cityscapesscripts.helpers.labels import trainId2label
-
     return [trainId2label[train_id].name for train_id in range(19)]
 
 
@@ -39,8 +41,6 @@ CLASS_NAMES = _trainid_names()
 
 @lru_cache(maxsize=8)
 def _font(size: int):
-    from PIL import ImageFont
-
     return ImageFont.load_default(size=size)   # Pillow's bundled FreeType font: no system fonts
 
 
@@ -82,15 +82,11 @@ def shrink_factor(width: int) -> int:
 
 
 def _shrink(panel: np.ndarray, factor: int) -> np.ndarray:
-    from PIL import Image
-
     return np.asarray(Image.fromarray(panel).reduce(factor)) if factor > 1 else panel
 
 
 def _label(canvas, xy: tuple[int, int], text: str, font) -> None:
     """White text on a dark box in a panel's top-left corner."""
-    from PIL import ImageDraw
-
     draw = ImageDraw.Draw(canvas)
     left, top, right, bottom = draw.textbbox((xy[0] + PAD, xy[1] + PAD), text, font=font)
     draw.rectangle((xy[0], xy[1], right + PAD, bottom + PAD), fill=(20, 20, 20))
@@ -108,8 +104,6 @@ def _swatch(size: int, kind) -> np.ndarray:
 def legend(width: int, present: set[int], with_errors: bool, font):
     """The class colours in trainId order (classes in neither map greyed), then on a row of
     their own the keys of the lower panels."""
-    from PIL import Image, ImageDraw
-
     classes = [(tuple(int(c) for c in colorize(np.array([i]))[0]), name, i in present)
                for i, name in enumerate(CLASS_NAMES)]
     keys = [("ignored", "ignored: not scored", True),
@@ -135,10 +129,8 @@ def legend(width: int, present: set[int], with_errors: bool, font):
 def overlay_sheet(image, pred, gt=None, *, title: str = "", ignore_index: int = 255) -> np.ndarray:
     """(H, W, 3) uint8 sheet of panels and legend (see the module docstring); `image` is resized
     to the prediction's size. Without `gt`: the image and prediction panels only."""
-    from PIL import Image
-
     pred = _as_labels(pred)
-    image = _as_numpy(image).astype(np.uint8)
+    image = as_numpy(image).astype(np.uint8)
     if image.shape[:2] != pred.shape:
         image = np.asarray(Image.fromarray(image).resize(pred.shape[::-1], Image.BILINEAR))
     factor = shrink_factor(pred.shape[1])
@@ -158,7 +150,7 @@ def overlay_sheet(image, pred, gt=None, *, title: str = "", ignore_index: int = 
 
 def _as_labels(array) -> np.ndarray:
     """uint8 label map (cheap to colour and count); anything outside 0..255 becomes 255."""
-    array = _as_numpy(array)
+    array = as_numpy(array)
     if array.dtype == np.uint8:
         return array
     return np.where((array >= 0) & (array < 256), array, 255).astype(np.uint8)
@@ -170,8 +162,6 @@ def _present(labels: np.ndarray) -> set[int]:
 
 def _compose(panels: list[tuple[np.ndarray, str]], present: set[int], with_errors: bool) -> np.ndarray:
     """Two panels a row, each labelled, above the legend."""
-    from PIL import Image
-
     h, w = panels[0][0].shape[:2]
     width = 2 * w + GAP
     font = _font(max(12, width // 100))
@@ -190,8 +180,6 @@ def visualize(image_uint8, pred, out_dir: str | os.PathLike, frame_name: str, *,
               ignore_index: int = 255) -> list[Path]:
     """Write `<city>/<stem>_color.png` and `<city>/<stem>_overlay.png` (module docstring), each
     whole or not at all (training.outputs.atomic)."""
-    from training.outputs.atomic import make_parent, write_png
-
     city, stem = frame_file_stem(frame_name)
     folder = make_parent(Path(out_dir) / city / stem).parent
     paths = [folder / f"{stem}_color.png", folder / f"{stem}_overlay.png"]

@@ -4,15 +4,23 @@ schedule. One factory per concern; the training run and the loader benchmark bot
 from __future__ import annotations
 
 import math
+from dataclasses import replace
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from cache.errors import UserError
-from training.train.config import TrainConfig
+from cache.format import STATS_FILE
+from loaders.contract import AugmentConfig
+from loaders.factory import build_loader
 from training.core.device import (DistEnv, autocast_context, choose_precision, resolve_amp,
                              resolve_channels_last)
 from training.core.engine import TrainingParts
+from training.core.losses import build_loss, load_class_weights, split_weights_spec
+from training.core.memory import auto_val_batch
+from training.core.model import build_model, canonical_arch, check_input_size, convert_sync_batchnorm, freeze_unused_parameters
+from training.train.config import TrainConfig
 
 
 def lr_factor(step: int, *, total: int, warmup: int, schedule: str, power: float) -> float:
@@ -47,8 +55,6 @@ def build_scheduler(optimizer, config: TrainConfig, total_steps: int):
 
 def model_meta(config: TrainConfig, reader) -> dict:
     """What load_for_eval and evaluate need to rebuild the model and read its output."""
-    from training.core.model import canonical_arch
-
     return {"arch": canonical_arch(config.arch), "encoder": config.encoder,
             "model_kwargs": dict(config.model_kwargs), "num_classes": reader.num_classes,
             "class_names": reader.class_names, "ignore_index": reader.ignore_index,
@@ -59,9 +65,6 @@ def model_meta(config: TrainConfig, reader) -> dict:
 
 def build_training_model(config: TrainConfig, meta: dict, env: DistEnv) -> nn.Module:
     """The smp model on the device; SyncBatchNorm and DDP when distributed."""
-    from training.core.model import (build_model, check_input_size, convert_sync_batchnorm,
-                                freeze_unused_parameters)
-
     model = build_model(meta["arch"], meta["encoder"], meta["num_classes"],
                         config.encoder_weights, **meta["model_kwargs"]).to(env.device)
     if resolve_channels_last(config.channels_last, env.device):
@@ -87,10 +90,6 @@ def resolve_class_weights(spec: str | None, reader) -> str | None:
     """--class-weights auto: the ENet weights of the cache's stats.json (what `dataprep stats`
     writes) if it is there, else none; a method name alone (enet, ...): that method of the
     cache's stats.json, which must exist; anything else as given."""
-    from pathlib import Path
-
-    from cache.format import STATS_FILE
-
     stats = Path(reader.path).absolute() / STATS_FILE
     if spec in CACHE_WEIGHT_METHODS:   # a method name alone: the cache's own stats.json
         if not stats.is_file():
@@ -100,8 +99,6 @@ def resolve_class_weights(spec: str | None, reader) -> str | None:
     if spec is None or spec == "none":
         return None
     if spec != "auto":
-        from training.core.losses import split_weights_spec
-
         path, method = split_weights_spec(spec)
         return f"{path.absolute()}:{method}"     # a resume from another folder finds it
     return f"{stats}:enet" if stats.is_file() else None
@@ -111,9 +108,6 @@ def resolve_defaults(config: TrainConfig, reader, env: DistEnv) -> TrainConfig:
     """The config with every default that depends on the machine or the cache made explicit
     (device, precision, memory format, class weights, lr, weight decay, epochs), so that the
     saved config.yaml alone reproduces the run."""
-    from dataclasses import replace
-    from pathlib import Path
-
     epochs = config.resolved_epochs if config.iters is None else None
     config = replace(config, device=str(env.device), amp=resolve_amp(config.amp, env.device),
                    channels_last=resolve_channels_last(config.channels_last, env.device),
@@ -130,9 +124,6 @@ def resolve_val_batch_size(config: TrainConfig, reader, env: DistEnv) -> int:
     given. Needs config's amp and channels_last resolved."""
     if config.val_batch_size is not None:
         return config.val_batch_size
-    from training.core.memory import auto_val_batch
-    from training.core.model import canonical_arch
-
     if env.device.type != "cuda":
         return auto_val_batch(env.device, config.arch, config.encoder, (0, 0), None)
     split = reader.split(config.train_split if config.folds is not None else config.val_split)
@@ -145,8 +136,6 @@ def resolve_val_batch_size(config: TrainConfig, reader, env: DistEnv) -> int:
 
 
 def build_criterion(config: TrainConfig, reader, device: torch.device) -> nn.Module:
-    from training.core.losses import build_loss, load_class_weights
-
     weights = None
     spec = resolve_class_weights(config.class_weights, reader)
     if spec is not None:
@@ -175,8 +164,6 @@ def build_grad_scaler(amp: str | None, device: torch.device) -> torch.amp.GradSc
 
 
 def augment_config(config: TrainConfig):
-    from loaders.contract import AugmentConfig
-
     aug = AugmentConfig(crop=tuple(config.res), scale=tuple(config.scale), flip_prob=config.flip_prob,
                         cat_max_ratio=config.cat_max_ratio, eval_scale=config.eval_scale)
     return aug if config.jitter else aug.no_jitter()
@@ -186,8 +173,6 @@ def build_split_loader(config: TrainConfig, env: DistEnv, *, train: bool, kind: 
                        rows=None, fold=None):
     """The loader of the train split (train=True) or the val split, sharded for this rank;
     `kind` overrides --loader (the benchmark compares kinds); `rows` limits it to those rows."""
-    from loaders.contract import build_loader
-
     split, batch_size = ((config.train_split, config.batch_size) if train else
                          (config.val_split, config.val_batch_size))
     if fold is not None:      # cross-validation: both sides are rows of the fold's split

@@ -25,6 +25,8 @@ import torch
 from torch import nn
 
 from cache.errors import UserError
+from training.core.model import build_model
+from training.outputs.atomic import atomic_file
 
 CHECKPOINT_FORMAT = "cityscapes-seg-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -44,8 +46,6 @@ def save_checkpoint(path: str | os.PathLike, payload: dict) -> Path:
     was). Ctrl-C and SIGTERM are held back while it writes (and delivered right after): an
     interrupt inside torch.save would surface as a torn-zip RuntimeError instead of a clean
     stop."""
-    from training.outputs.atomic import atomic_file
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with signals_deferred():
@@ -196,8 +196,6 @@ def load_model_state(model: nn.Module, state: dict, path: str | os.PathLike) -> 
 
 def load_for_eval(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """(model in eval mode on `device`, meta) from best.pt or last.pt; never downloads."""
-    from training.core.model import build_model
-
     data = load_checkpoint(path)
     meta = dict(data["meta"])
     try:

@@ -10,15 +10,23 @@ Every value goes through the same parser whether it comes from a file or a flag,
 """
 from __future__ import annotations
 
+import difflib
 import json
-import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
+
+import yaml
 
 from cache.errors import UserError
+from cache.location import resolve_cache
 from loaders.contract import LOADER_KINDS
+from training.core.losses import parse_loss_spec
+from training.outputs.folder import check_output_dir
+from training.train.option_values import (_auto, _bool, _choice, _encoder_weights, _float, _int,
+                                          _model_kwargs, _optional, _res, _scale, _str)
+from training.train.tensorboard import require_tensorboard
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("poly", "cosine")
@@ -114,128 +122,6 @@ class TrainConfig:
 
 # -- value parsers: (value, option name) -> value, raising UserError with the option's name ----
 
-def _fail(name: str, value: Any, want: str) -> UserError:
-    return UserError(f"--{name.replace('_', '-')}: {value!r} is not {want}")
-
-
-def _int(minimum: int) -> Callable:
-    def parse(value, name):
-        if isinstance(value, bool):
-            raise _fail(name, value, "an integer")
-        try:
-            number = int(str(value))
-        except ValueError:
-            raise _fail(name, value, "an integer") from None
-        if number < minimum:
-            raise _fail(name, value, f"an integer >= {minimum}")
-        return number
-    return parse
-
-
-def _float(minimum: float, *, strict: bool = False) -> Callable:
-    def parse(value, name):
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            raise _fail(name, value, "a number") from None
-        if not math.isfinite(number) or number < minimum or (strict and number == minimum):
-            raise _fail(name, value, f"a number {'>' if strict else '>='} {minimum}")
-        return number
-    return parse
-
-
-def _bool(value, name):
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise _fail(name, value, "true or false")
-
-
-def _str(value, name):
-    if not isinstance(value, (str, int, float)) or isinstance(value, bool) or str(value) == "":
-        raise _fail(name, value, "a non-empty string")
-    return str(value)
-
-
-def _choice(choices: tuple[str, ...], *, none_word: str | None = None) -> Callable:
-    def parse(value, name):
-        text = str(value).strip().lower()
-        if none_word is not None and (value is None or text == none_word):
-            return None
-        if text not in choices:
-            allowed = list(choices) + ([none_word] if none_word else [])
-            raise UserError(f"--{name.replace('_', '-')}: {value!r} is not one of: {', '.join(allowed)}")
-        return text
-    return parse
-
-
-def _encoder_weights(value, name):
-    if value is None or str(value).strip().lower() in ("none", "null", ""):
-        return None
-    return _str(value, name)
-
-
-def _pair(value, name, cast, sep_words: str) -> tuple:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return (cast(value), cast(value))
-    if isinstance(value, (list, tuple)):
-        parts = list(value)
-    else:
-        text = str(value).strip().lower()
-        parts = text.replace("x", ",").split(",") if "," in text or "x" in text else [text]
-    if len(parts) == 1:
-        parts = parts * 2
-    try:
-        pair = tuple(cast(str(p).strip()) for p in parts)
-    except ValueError:
-        raise _fail(name, value, sep_words) from None
-    if len(pair) != 2:
-        raise _fail(name, value, sep_words)
-    return pair
-
-
-def _res(value, name):
-    """640 -> (640, 640); "512x1024" or [512, 1024] -> (512, 1024) as (height, width)."""
-    pair = _pair(value, name, int, "a size like 640 or 512x1024 (height x width)")
-    if min(pair) < 1:
-        raise _fail(name, value, "a positive size")
-    return pair
-
-
-def _scale(value, name):
-    """"0.5,2.0" or [0.5, 2.0] -> (0.5, 2.0); one number -> a fixed scale."""
-    pair = _pair(value, name, float, "a range like 0.5,2.0")
-    if not 0 < pair[0] <= pair[1]:
-        raise _fail(name, value, "a range low,high with 0 < low <= high")
-    return pair
-
-
-def _auto(parse: Callable) -> Callable:
-    """None, "none" or "auto" -> None (decided at run time, per machine), else `parse`."""
-    def wrapped(value, name):
-        if isinstance(value, str) and value.strip().lower() == "auto":
-            return None
-        return _optional(parse)(value, name)
-    return wrapped
-
-
-def _optional(parse: Callable) -> Callable:
-    def wrapped(value, name):
-        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null")):
-            return None
-        return parse(value, name)
-    return wrapped
-
-
-def _model_kwargs(value, name):
-    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-        raise _fail(name, value, "a mapping of keyword arguments")
-    return {key: (tuple(v) if isinstance(v, list) else v) for key, v in value.items()}
-
 
 PARSERS: dict[str, Callable] = {
     "cache": _optional(_str), "out": _str, "loader": _choice(LOADER_KINDS),
@@ -265,8 +151,6 @@ def parse_values(values: dict, source: str) -> dict:
     for raw_key, value in values.items():
         key = str(raw_key).replace("-", "_")
         if key not in PARSERS:
-            import difflib
-
             close = difflib.get_close_matches(key, PARSERS, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise UserError(f"{source}: unknown option {raw_key!r}{hint}")
@@ -282,8 +166,6 @@ def read_config_file(path: str | os.PathLike) -> dict:
     text = path.read_text()
     try:
         if path.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-
             data = yaml.safe_load(text)
         elif path.suffix.lower() == ".json":
             data = json.loads(text)
@@ -318,8 +200,6 @@ def resolve_config(flags: dict, config_file: str | None = None, *, resume: bool 
     file_values = parse_values(read_config_file(config_file), f"--config {config_file}") \
         if config_file else {}
     if resume:
-        from training.outputs.folder import check_output_dir
-
         out = flags.get("out", file_values.get("out", TrainConfig.out))
         # a folder that is not a run of ours is refused before its config.yaml is read
         check_output_dir(out, "run", option="--out", command="train", legacy=("last.pt",))
@@ -342,8 +222,6 @@ def resolve_config(flags: dict, config_file: str | None = None, *, resume: bool 
         given["model_kwargs"] = {**values.get("model_kwargs", {}), **given["model_kwargs"]}
     values.update(given)
     if values.get("cache") is None:
-        from cache.location import resolve_cache
-
         found = resolve_cache(None, must_exist=True)
         values["cache"] = str(found.path)
         if notes is not None:
@@ -354,8 +232,6 @@ def resolve_config(flags: dict, config_file: str | None = None, *, resume: bool 
 def parse_model_args(pairs) -> dict:
     """("encoder_depth=3", "decoder_channels=[32,16,8]") -> {"encoder_depth": 3, ...};
     values are read as YAML scalars/lists (numbers, true/false, null, [a, b])."""
-    import yaml
-
     kwargs = {}
     for pair in pairs:
         key, sep, text = str(pair).partition("=")
@@ -376,8 +252,6 @@ def validate(config: TrainConfig) -> TrainConfig:
         raise UserError(f"--warmup {config.warmup} must be smaller than --iters {config.iters}")
     if not 0.0 <= config.flip_prob <= 1.0:
         raise UserError(f"--flip-prob must be in [0, 1], got {config.flip_prob}")
-    from training.core.losses import parse_loss_spec
-
     parse_loss_spec(config.loss)
     if (config.folds is None) != (config.fold is None):
         raise UserError("give --folds K and --fold I together (cross-validation fold I of K)")
@@ -385,8 +259,6 @@ def validate(config: TrainConfig) -> TrainConfig:
         raise UserError(f"--fold {config.fold}: must be between 0 and {config.folds - 1} "
                         f"for --folds {config.folds}")
     if config.tensorboard:
-        from training.train.tensorboard import require_tensorboard
-
         require_tensorboard()
     return config
 

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from cache.errors import UserError
+from training.train.checkpoint import load_checkpoint
 
 HEAD_PREFIXES = ("segmentation_head.", "classification_head.")
 
@@ -39,8 +40,6 @@ def _labels_differ(source: dict, target: dict) -> bool:
 def load_initial_weights(model: nn.Module, path: str | os.PathLike, meta: dict) -> str:
     """Copy the fitting tensors of checkpoint `path` into `model` (unwrapped, built from `meta`);
     returns the one-line summary. Refuses a checkpoint whose encoder does not fit."""
-    from training.train.checkpoint import load_checkpoint
-
     path = Path(path)
     data = load_checkpoint(path)
     source, state = data.get("meta", {}), data["model"]

@@ -8,11 +8,13 @@ bar labelled with its value).
 """
 from __future__ import annotations
 
-import math
-
 import json
+import math
 import os
 from pathlib import Path
+
+import matplotlib
+import matplotlib.pyplot as plt
 
 PLOT_NAMES = ("loss.png", "miou.png", "class_iou.png")
 
@@ -50,18 +52,12 @@ def truncate_metrics(path: str | os.PathLike, step: int) -> None:
 
 
 def _figure():
-    import matplotlib
-
     matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
     return plt
 
 
 def _save(fig, path: Path) -> Path:
     """Write the figure atomically and free it."""
-    import matplotlib.pyplot as plt
-
     try:
         tmp = path.with_name(path.stem + ".tmp.png")
         fig.savefig(tmp, dpi=100, bbox_inches="tight")

@@ -29,6 +29,9 @@ import signal
 import threading
 from types import FrameType
 
+import torch
+import torch.distributed as dist
+
 # sysexits.h EX_TEMPFAIL: "a temporary failure; the user is invited to retry". A job script
 # requeues on it (scripts/slurm/train.sbatch); 0, 1 (user error) and 130 (Ctrl-C) keep their
 # meanings.
@@ -87,9 +90,6 @@ class StopSignals:
         under torchrun: every rank must call it at the same step)."""
         if not getattr(env, "distributed", False):
             return self.signum
-        import torch
-        import torch.distributed as dist
-
         flag = torch.tensor([self.signum or 0], dtype=torch.int64, device=env.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return int(flag.item()) or None

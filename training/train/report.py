@@ -3,12 +3,39 @@ did, and what to run next). Plain lines: they go to the console above the progre
 read the same in a log file."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:
-    from training.train.run import Trainer
+from training.core.device import DistEnv, choose_precision
+from training.train.config import TrainConfig
+
+
+@dataclass(frozen=True)
+class RunStart:
+    """What the opening lines need to know about a run about to start (no Trainer)."""
+    config: TrainConfig
+    env: DistEnv
+    train_loader: Any
+    val_loader: Any
+    steps_per_epoch: int
+    total_steps: int
+    step: int
+    run_dir: Any
+
+
+@dataclass(frozen=True)
+class RunEnd:
+    """What the closing lines need to know about a finished run (no Trainer)."""
+    config: TrainConfig
+    env: DistEnv
+    run_dir: Any
+    step: int
+    best_miou: float | None
+    best_step: int | None
+    last_eval: dict | None
+    timing: Any     # .wait_share, .seconds, .steps (training.train.run.TimingTotals)
 
 
 def describe_device(device: torch.device) -> str:
@@ -44,9 +71,7 @@ def describe_class_weights(spec: str | None) -> str:
     return f"{spec} (class weights of the loss; --class-weights none to train without)"
 
 
-def banner_lines(trainer: "Trainer") -> list[str]:
-    from training.core.device import choose_precision
-
+def banner_lines(trainer: RunStart) -> list[str]:
     config, env = trainer.config, trainer.env
     train_frames = len(trainer.train_loader.rows) if hasattr(trainer.train_loader, "rows") else None
     val_frames = len(trainer.val_loader.rows) if hasattr(trainer.val_loader, "rows") else None
@@ -81,7 +106,7 @@ def wait_verdict(share: float, device: torch.device, loader: str) -> str:
     return f"the GPU waited for data: {advice}"
 
 
-def summary_lines(trainer: "Trainer") -> list[str]:
+def summary_lines(trainer: RunEnd) -> list[str]:
     run_dir, best = trainer.run_dir, trainer.best_miou
     final = (trainer.last_eval or {}).get("miou")
     pct = (lambda v: "n/a" if v is None else f"{100 * v:.2f}%")
