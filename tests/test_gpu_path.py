@@ -83,7 +83,7 @@ class HostReads:
 
 
 def host_item(batch=3, height=40, width=56, seed=0):
-    from loaders.torch_loader import new_tensor  # noqa: F401  (the worker's allocation path)
+    from loaders.torch_dataset import new_tensor  # noqa: F401  (the worker's allocation path)
 
     rng = np.random.default_rng(seed)
     valid = np.array([[height, width], [height - 7, width - 11], [13, 17]])[:batch]

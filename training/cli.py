@@ -226,13 +226,13 @@ def evaluate(checkpoint, cache, split, loader, batch_size, tta, flip, json_path,
 
 def _eval_batch_size(value, checkpoint, cache, split, *, device, amp, tta, flip,
                      eval_scale) -> int:
-    """evaluate --batch-size: a number as given, or auto (training.core.memory.auto_eval_batch)."""
+    """evaluate --batch-size: a number as given, or auto (training.infer.evaluate.auto_eval_batch)."""
     if str(value).strip().lower() != "auto":
         try:
             return int(str(value))
         except ValueError:
             raise UserError(f"--batch-size: {value!r} is not an integer or auto") from None
-    from training.core.memory import auto_eval_batch
+    from training.infer.evaluate import auto_eval_batch
 
     try:
         scales = parse_scales(tta)

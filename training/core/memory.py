@@ -42,13 +42,10 @@ from torch.profiler import profile, ProfilerActivity
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from cache.reader import CacheReader
-from training.core.device import resolve_device
 from training.core.engine import evaluate
 from training.core.losses import build_loss
 from training.core.metrics import ConfusionMatrix
 from training.core.model import build_model
-from training.train.checkpoint import load_checkpoint
 
 MIB = 2 ** 20
 GIB = 2 ** 30
@@ -340,33 +337,6 @@ def auto_val_batch(device: torch.device | str, arch: str, encoder: str,
         return fitting_val_batch(arch, encoder, tuple(frame_hw), total, amp, **options)
     except Exception:     # an architecture whose forward FakeTensorMode cannot run
         return 1
-
-
-def auto_eval_batch(checkpoint, cache, split: str, *, device, amp: str | None,
-                    tta_scales: Sequence[float] = (1.0,), tta_flip: bool = False,
-                    eval_scale: float = 1.0) -> int:
-    """`evaluate --batch-size auto`: 1 on the CPU; on CUDA what fits the card for the
-    checkpoint's model, the split's frame size, --amp, --tta/--flip and --eval-scale (the
-    `evaluate` pass: no loss, no optimiser state, the model in contiguous format). A mistake in
-    the options is left for run_evaluate to report (batch 1 here)."""
-    try:
-        device = resolve_device(device)
-    except Exception:
-        return 1
-    if device.type != "cuda":
-        return CPU_VAL_BATCH
-    try:
-        meta = load_checkpoint(checkpoint)["meta"]
-        info = CacheReader(cache).split(split)
-        scales = tuple(float(s) for s in tta_scales)
-        if not scales or min(scales) <= 0:
-            return 1
-    except Exception:
-        return 1
-    return auto_val_batch(device, meta["arch"], meta["encoder"], (info.height, info.width), amp,
-                          model_kwargs=dict(meta.get("model_kwargs", {})),
-                          num_classes=int(meta["num_classes"]), eval_scale=eval_scale,
-                          tta_scales=scales, tta_flip=tta_flip, channels_last=False)
 
 
 def real_cpu_peak(model: torch.nn.Module, **pass_options) -> tuple[int, int]:

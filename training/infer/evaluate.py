@@ -29,13 +29,14 @@ from training.core.complexity import model_complexity
 from training.core.device import autocast_context, resolve_device, synchronize, use_device
 from training.core.engine import evaluate
 from training.core.latency import time_model
+from training.core.memory import CPU_VAL_BATCH, auto_val_batch
 from training.core.metrics import ConfusionMatrix
 from training.outputs import atomic
 from training.outputs.atomic import WriteError
 from training.outputs.export import check_export_dir, frame_file_stem, prepare_export_dir
 from training.outputs.folder import check_output_dir, claim_output_dir
 from training.outputs.writer import PngWriter
-from training.train.checkpoint import load_for_eval
+from training.train.checkpoint import load_checkpoint, load_for_eval
 
 # --visualize DIR: new, empty, or one an earlier --visualize marked (training.outputs.folder)
 VISUALIZE_FOLDER = dict(kind="visualize", option="--visualize", command="evaluate --visualize")
@@ -303,3 +304,30 @@ def write_json(result: dict, json_path) -> None:
     (absent classes are null, never NaN)."""
     path = atomic.make_parent(json_path)
     atomic.write_json(path, result)
+
+
+def auto_eval_batch(checkpoint, cache, split: str, *, device, amp: str | None,
+                    tta_scales: Sequence[float] = (1.0,), tta_flip: bool = False,
+                    eval_scale: float = 1.0) -> int:
+    """`evaluate --batch-size auto`: 1 on the CPU; on CUDA what fits the card for the
+    checkpoint's model, the split's frame size, --amp, --tta/--flip and --eval-scale (the
+    `evaluate` pass: no loss, no optimiser state, the model in contiguous format). A mistake in
+    the options is left for run_evaluate to report (batch 1 here)."""
+    try:
+        device = resolve_device(device)
+    except Exception:
+        return 1
+    if device.type != "cuda":
+        return CPU_VAL_BATCH
+    try:
+        meta = load_checkpoint(checkpoint)["meta"]
+        info = CacheReader(cache).split(split)
+        scales = tuple(float(s) for s in tta_scales)
+        if not scales or min(scales) <= 0:
+            return 1
+    except Exception:
+        return 1
+    return auto_val_batch(device, meta["arch"], meta["encoder"], (info.height, info.width), amp,
+                          model_kwargs=dict(meta.get("model_kwargs", {})),
+                          num_classes=int(meta["num_classes"]), eval_scale=eval_scale,
+                          tta_scales=scales, tta_flip=tta_flip, channels_last=False)

@@ -17,7 +17,10 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
-import yaml
+try:
+    import yaml
+except ImportError:   # a bare environment: the run's config is saved as config.json
+    yaml = None
 
 from cache.errors import UserError
 from cache.location import resolve_cache
@@ -268,12 +271,10 @@ def save_config(config: TrainConfig, run_dir: str | os.PathLike,
     """Write the resolved config into the run dir (YAML where PyYAML is installed), atomically;
     `notes` become trailing comments (what "auto" resolved to on this machine)."""
     data = config.to_dict()
-    try:
-        import yaml
-
+    if yaml is not None:
         path, text = Path(run_dir) / "config.yaml", yaml.safe_dump(data, sort_keys=False)
         text += "".join(f"# {note}\n" for note in notes)
-    except ImportError:
+    else:
         path, text = Path(run_dir) / "config.json", json.dumps(data, indent=2) + "\n"
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
