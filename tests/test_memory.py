@@ -99,7 +99,7 @@ def test_auto_batch_is_one_where_nothing_fits():
 
 
 def test_the_cpu_keeps_batch_one(gpu_of):
-    from training.train.builders import resolve_val_batch_size
+    from training.train.resolve import resolve_val_batch_size
     from training.train.config import TrainConfig, resolve_config
     from training.core.device import DistEnv
 

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from cache.errors import UserError
-from training.train.builders import build_grad_scaler, resolve_defaults
+from training.train.builders import build_grad_scaler
+from training.train.resolve import resolve_defaults
 from training.train.config import TrainConfig
 from training.core.device import (DistEnv, Precision, autocast_context, choose_precision,
                              describe_precision, resolve_amp)
@@ -180,8 +181,8 @@ def test_saved_config_holds_the_choice_and_the_banner_says_why(monkeypatch, card
     reader = SimpleNamespace(path="/data/cs.zarr")
     # other machine-dependent defaults (e.g. a validation batch sized to the card's memory)
     # would need a real cache and card: not this test's business
-    import training.train.builders
-    monkeypatch.setattr(training.train.builders, "resolve_val_batch_size", lambda *a: 1, raising=False)
+    import training.train.resolve
+    monkeypatch.setattr(training.train.resolve, "resolve_val_batch_size", lambda *a: 1, raising=False)
     config = resolve_defaults(TrainConfig(cache="/data/cs.zarr", class_weights="none", amp="auto",
                                           iters=20), reader, DistEnv(0, 1, 0, device))
     amp, reason = AUTO[card] if card != "cpu" else (None, "float32 on the CPU")

@@ -31,6 +31,7 @@ from training.core.engine import evaluate
 from training.core.latency import time_model
 from training.core.memory import CPU_VAL_BATCH, auto_val_batch
 from training.core.metrics import ConfusionMatrix
+from training.infer.options import check_batch_and_tta, check_limit
 from training.outputs import atomic
 from training.outputs.atomic import WriteError
 from training.outputs.export import check_export_dir, frame_file_stem, prepare_export_dir
@@ -51,12 +52,8 @@ def check_options(checkpoint, split: SplitInfo, *, batch_size: int, tta_scales: 
     """Refuse what cannot work before the model is loaded or a file is written."""
     if not Path(checkpoint).is_file():
         raise UserError(f"{checkpoint}: no such checkpoint file")
-    if batch_size < 1:
-        raise UserError(f"--batch-size: must be at least 1, got {batch_size}")
-    if not tta_scales or min(tta_scales) <= 0:
-        raise UserError(f"--tta: need one or more positive scales, got {tuple(tta_scales)}")
-    if limit is not None and limit < 1:
-        raise UserError(f"--limit: must be at least 1, got {limit}")
+    check_batch_and_tta(batch_size, tta_scales)
+    check_limit(limit)
     if not split.has_masks and export_dir is None and visualize_dir is None:
         raise UserError(f"split {split.name!r} has no masks, so there is nothing to score; "
                         "give --export DIR (and/or --visualize DIR) to write its predictions")

@@ -39,12 +39,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 
 from cache.errors import UserError
 from training.core.device import autocast_context, resolve_device, use_device
 from training.core.tta import normalisation, predict_logits
-from training.infer.inputs import Inputs, batches_of_one_size, find_inputs, frame_count, iter_frames, video_rate
+from training.infer.inputs import (Inputs, batches_of_one_size, find_inputs, frame_count,
+                                   iter_frames, video_rate)
+from training.infer.options import check_batch_and_tta, check_limit
 from training.outputs.atomic import make_parent, write_json, write_png
 from training.outputs.folder import check_output_dir, claim_output_dir
 from training.outputs.labels import colorize
@@ -212,14 +215,10 @@ def predict_frames(model, frames: Sequence[np.ndarray], device: torch.device, *,
 def check_options(*, batch_size: int, tta_scales, alpha: float, limit, fps, images: bool,
                   video_path, eval_scale) -> None:
     """Refuse what cannot work before anything is read, loaded or written."""
-    if batch_size < 1:
-        raise UserError(f"--batch-size: must be at least 1, got {batch_size}")
-    if not tta_scales or min(tta_scales) <= 0:
-        raise UserError(f"--tta: need one or more positive scales, got {tuple(tta_scales)}")
+    check_batch_and_tta(batch_size, tta_scales)
     if not 0.0 <= alpha <= 1.0:
         raise UserError(f"--alpha: must be between 0 and 1, got {alpha}")
-    if limit is not None and limit < 1:
-        raise UserError(f"--limit: must be at least 1, got {limit}")
+    check_limit(limit)
     if fps is not None and not fps > 0:
         raise UserError(f"--fps: must be positive, got {fps}")
     if eval_scale is not None and not eval_scale > 0:

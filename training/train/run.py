@@ -55,7 +55,8 @@ from training.core.device import (DistEnv, broadcast_buffers, init_distributed, 
                              unwrap)
 from training.core.engine import evaluate, rng_isolated, train_one_epoch
 from training.core.metrics import ConfusionMatrix
-from training.train.builders import build_parts, build_split_loader, model_meta, resolve_defaults
+from training.train.builders import build_parts, build_split_loader, model_meta
+from training.train.resolve import resolve_defaults
 from training.train.config import TrainConfig
 from training.train.folds import fold_for_config
 from training.train.guards import DIVERGED_AFTER_LOGS, RunGuardsMixin

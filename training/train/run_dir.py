@@ -11,7 +11,9 @@ import torch.distributed as dist
 from cache.errors import UserError
 from training.core.device import DistEnv, unwrap
 from training.outputs.folder import check_output_dir, claim_output_dir, MARKER, update_marker
-from training.train.checkpoint import capture_rng, check_compatible, check_training_state, load_checkpoint, load_model_state, restore_rng, save_checkpoint
+from training.train.checkpoint import (capture_rng, check_compatible, check_training_state,
+                                       load_checkpoint, load_model_state, restore_rng,
+                                       save_checkpoint)
 from training.train.config import save_config
 from training.train.folds import write_fold_file
 from training.train.plots import truncate_metrics
