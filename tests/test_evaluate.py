@@ -15,7 +15,8 @@ from cache.format import CLASS_NAMES
 from cache.errors import UserError
 from tests.cachefab import blocky_cache, blocky_frame, write_cache
 from training.infer.evaluate import run_evaluate
-from training.outputs.labels import labelid_to_trainid, trainid_to_labelid
+from tests.labelmaps import labelid_to_trainid
+from training.outputs.labels import trainid_to_labelid
 
 TINY_KWARGS = {"encoder_depth": 3, "decoder_channels": [32, 16, 8]}
 H, W = 128, 256             # small frames: the tiny model dominates the run time

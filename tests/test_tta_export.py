@@ -11,7 +11,8 @@ from PIL import Image
 
 from cache.errors import UserError
 from training.outputs.export import export_predictions, prepare_export_dir
-from training.outputs.labels import LABELID_TO_TRAINID, TRAINID_TO_LABELID, colorize, labelid_to_trainid, trainid_to_labelid
+from tests.labelmaps import labelid_to_trainid
+from training.outputs.labels import LABELID_TO_TRAINID, TRAINID_TO_LABELID, colorize, trainid_to_labelid
 from training.core.model import input_divisor
 from training.core.tta import predict_logits
 

@@ -1,5 +1,6 @@
-"""Label maps as tables and colours: trainId <-> labelId, the official palette, the one blend of
-colours over a picture. The bottom of training/outputs/: no files, no console.
+"""Label maps as tables and colours: trainId -> labelId (the benchmark's ids), the official palette,
+and host copies of (maybe GPU) label maps. The bottom of training/outputs/: no files, no console.
+The tables themselves are cache/labels.py's, shared with the PNG baseline loader.
 """
 from __future__ import annotations
 
@@ -9,18 +10,13 @@ import torch
 from cache.labels import LABELID_TO_TRAINID, TRAINID_TO_COLOUR, TRAINID_TO_LABELID
 
 __all__ = ["LABELID_TO_TRAINID", "TRAINID_TO_COLOUR", "TRAINID_TO_LABELID", "as_numpy",
-           "as_uint8_labels", "colorize", "labelid_to_trainid", "trainid_to_labelid"]
+           "as_uint8_labels", "colorize", "trainid_to_labelid"]
 
 
 def trainid_to_labelid(pred) -> np.ndarray:
     """uint8 labelIds of a trainId array; anything that is not a class becomes 0 ("unlabeled")."""
     pred = as_numpy(pred)
     return TRAINID_TO_LABELID[np.where((pred >= 0) & (pred < 256), pred, 255).astype(np.uint8)]
-
-
-def labelid_to_trainid(labels) -> np.ndarray:
-    """uint8 trainIds of a labelId array (labels ignored in evaluation become 255)."""
-    return LABELID_TO_TRAINID[as_numpy(labels).astype(np.uint8)]
 
 
 def colorize(pred) -> np.ndarray:
