@@ -157,7 +157,7 @@ def _is_placeholder(polygons: Path) -> bool:
 
 
 # A cache (its root zarr.json) or an output folder of train/evaluate/predict (its marker,
-# training/outputs_folder.MARKER) placed inside the raw tree is no split or city: a later
+# training/outputs/folder.MARKER) placed inside the raw tree is no split or city: a later
 # build of the tree passes over it instead of refusing its files.
 _OUR_FOLDER_FILES = ("zarr.json", ".cityscapes-output")
 

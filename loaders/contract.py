@@ -3,16 +3,17 @@
 This module must not import torch (nor a loader kind): DALI's source workers import it
 (loaders/dali_pipeline.py), and a spawned worker would otherwise carry torch's few hundred MB
 for nothing (tests/test_worker_imports.py, scripts/bench_worker_rss.py). `Batch` and `Loader` name
-torch types in annotations only; the factory `build_loader` lives in loaders/factory.py and is
-resolved lazily here and in `loaders`.
+torch types in annotations only; the factory `build_loader` lives in loaders/factory.py (which
+imports this module, never the other way round).
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Iterator, NamedTuple, Protocol
 
 from cache.errors import UserError
+from loaders.order import split_rows
 
 if TYPE_CHECKING:
     import numpy as np
@@ -78,8 +79,7 @@ class AugmentConfig:
         return cls(crop=(res, res), **kw)
 
     def no_jitter(self) -> "AugmentConfig":
-        """The same geometry without colour changes (used by tests and benchmarks)."""
-        from dataclasses import replace
+        """The same geometry without colour changes (`train --no-jitter`; tests and benchmarks)."""
         return replace(self, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0)
 
 
@@ -102,8 +102,6 @@ def check_request(cache_path: str, info: "SplitInfo", *, train: bool, batch_size
                   aug: AugmentConfig, rank: int, world_size: int, rows=None) -> "np.ndarray":
     """Refuse loader arguments that cannot work, naming the option at fault (both kinds).
     Returns the cache rows the loader reads (all of the split, or the `rows` subset)."""
-    from loaders.order import split_rows
-
     try:
         chosen = split_rows(len(info), rows, source=f"rows of split {info.name!r}")
     except ValueError as exc:
@@ -154,11 +152,3 @@ def endless(loader: Loader, first_epoch: int = 0) -> Iterator[Batch]:
         yield from loader
         epoch += 1
 
-
-def __getattr__(name: str):
-    # The factory imports torch and both loader kinds: loaded on first use, so that importing
-    # the contract (DALI's source workers do) stays free of torch. loaders/factory.py.
-    if name == "build_loader":
-        from loaders.factory import build_loader
-        return build_loader
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

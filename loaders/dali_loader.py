@@ -20,6 +20,7 @@ import torch
 from cache.errors import UserError
 from cache.reader import CacheReader
 from loaders.contract import AugmentConfig, Batch, check_request, cores_per_rank
+from loaders.dali_pipeline import build_pipeline, WindowSource
 from loaders.order import batch_count, shard_indices
 from loaders.workers import worker_signals
 
@@ -138,8 +139,6 @@ class DaliLoader:
         self._build(first_epoch=self._epoch)
 
     def _build(self, first_epoch: int) -> None:
-        from loaders.dali_pipeline import WindowSource, build_pipeline
-
         source = WindowSource(self.reader, self.split, train=self.train, aug=self.aug,
                               batch_size=self.batch_size, seed=self.seed, first_epoch=first_epoch,
                               rank=self.rank, world_size=self.world_size, rows=self.rows,

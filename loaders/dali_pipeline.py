@@ -21,6 +21,7 @@ import numpy as np
 from cache.reader import CacheReader
 from loaders.contract import IMAGE_PAD, MASK_PAD, MEAN, STD, AugmentConfig
 from loaders.order import batch_count, shard_indices
+from loaders.order import split_rows
 from loaders.sampling import SampleParams, draw_train_sample, eval_sample
 from loaders.workers import die_with_parent, keep_serving_on_termination
 
@@ -42,8 +43,6 @@ class WindowSource:
     def __init__(self, cache: CacheReader, split: str, *, train: bool, aug: AugmentConfig,
                  batch_size: int, seed: int, first_epoch: int, rank: int, world_size: int,
                  rows=None, batches_per_epoch: int | None = None):
-        from loaders.order import split_rows
-
         info = cache.split(split)
         self.cache, self.split, self.train, self.aug = cache, split, train, aug
         self.seed, self.first_epoch, self.rank, self.world_size = seed, first_epoch, rank, world_size

@@ -3,8 +3,7 @@
 It lives apart from loaders/contract.py so that the contract imports neither torch nor a
 loader kind: DALI's source workers import the contract (through loaders/dali_pipeline.py)
 and stay free of torch's hundreds of MB, and the loader kinds import the contract without
-an import circle through the factory. `from loaders import build_loader` and
-`from loaders.contract import build_loader` still work (both resolve it lazily).
+an import circle through the factory.
 """
 from __future__ import annotations
 
@@ -14,6 +13,8 @@ import torch
 
 from cache.errors import UserError
 from loaders.contract import LOADER_KINDS, AugmentConfig, Loader
+from loaders.dali_loader import DaliLoader
+from loaders.torch_loader import TorchLoader
 
 
 def build_loader(cache: str | os.PathLike, split: str, kind: str = "dali", *, train: bool,
@@ -29,9 +30,9 @@ def build_loader(cache: str | os.PathLike, split: str, kind: str = "dali", *, tr
     prefer; free for both kinds, whose pixels are channels-last until then)."""
     aug = aug or AugmentConfig()
     if kind == "torch":
-        from loaders.torch_loader import TorchLoader as impl
+        impl = TorchLoader
     elif kind == "dali":
-        from loaders.dali_loader import DaliLoader as impl
+        impl = DaliLoader
     else:
         raise UserError(f"unknown loader kind {kind!r}; choose one of: {', '.join(LOADER_KINDS)}")
     return impl(cache, split, train=train, batch_size=batch_size, aug=aug,

@@ -17,9 +17,13 @@ import os
 from typing import Iterator
 
 import torch
+from torch.utils.data import DataLoader
 
 from cache.reader import CacheReader
 from loaders.contract import AugmentConfig, check_request
+from loaders.dali_loader import default_workers, require_dali, source_start_method
+from loaders.dali_pipeline import source_nodes, WindowSource
+from loaders.torch_loader import default_num_workers, EpochBatches, WindowDataset
 
 
 def torch_host_batches(cache: str | os.PathLike, split: str = "train", *, batch_size: int,
@@ -29,10 +33,6 @@ def torch_host_batches(cache: str | os.PathLike, split: str = "train", *, batch_
     (B, h, w, 3) and mask (B, h, w), rows, valid sizes and colour parameters, not finished
     (no float conversion, jitter or normalisation). Pinned when CUDA is available, as the
     loader pins them for the copy, unless pin_memory says otherwise."""
-    from torch.utils.data import DataLoader
-
-    from loaders.torch_loader import EpochBatches, WindowDataset
-
     reader, info, rows = _open(cache, split, batch_size, aug)
     workers = default_host_workers("torch") if num_workers is None else num_workers
     if pin_memory is None:
@@ -54,9 +54,6 @@ def dali_host_batches(cache: str | os.PathLike, split: str = "train", *, batch_s
     `WindowSource` in DALI's Python workers exactly as for the GPU graph, with no pixel
     operator after them. Workers default to the loader's choice for a GPU."""
     from nvidia.dali.pipeline import Pipeline
-
-    from loaders.dali_loader import require_dali, source_start_method
-    from loaders.dali_pipeline import WindowSource, source_nodes
 
     require_dali()
     start_method = start_method or source_start_method(None)  # fork unless CUDA is initialised
@@ -81,9 +78,7 @@ def dali_host_batches(cache: str | os.PathLike, split: str = "train", *, batch_s
 def default_host_workers(kind: str) -> int:
     """The workers each kind starts by default when it feeds a GPU."""
     if kind == "torch":
-        from loaders.torch_loader import default_num_workers
         return default_num_workers()
-    from loaders.dali_loader import default_workers
     return default_workers(torch.device("cuda", 0))[0]
 
 

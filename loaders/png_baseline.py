@@ -15,28 +15,21 @@ from typing import Iterator
 
 import numpy as np
 import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from cache.format import IGNORE_INDEX
 from cache.errors import UserError
+from cache.format import IGNORE_INDEX
+from cache.labels import LABELID_TO_TRAINID
 from loaders.contract import IMAGE_PAD, MASK_PAD, MEAN, STD, AugmentConfig, Batch
 from loaders.order import shard_indices
 from loaders.sampling import sample_rng
+from loaders.torch_loader import default_num_workers
 
 IMAGE_SUFFIX = "_leftImg8bit.png"
 LABEL_IDS_SUFFIX = "_gtFine_labelIds.png"
 TRAIN_IDS_SUFFIX = "_gtFine_trainIds.png"
-
-
-def label_id_to_train_id() -> np.ndarray:
-    """uint8 LUT (256,): Cityscapes labelId -> trainId, 255 for every ignored or unknown id."""
-    from cityscapesscripts.helpers.labels import labels
-
-    lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
-    for label in labels:
-        if 0 <= label.id < 256 and 0 <= label.trainId < IGNORE_INDEX:
-            lut[label.id] = label.trainId
-    return lut
 
 
 def find_pairs(root: str | os.PathLike, split: str) -> list[tuple[Path, Path, bool]]:
@@ -63,8 +56,6 @@ def find_pairs(root: str | os.PathLike, split: str) -> list[tuple[Path, Path, bo
 
 def colour_jitter(image, rng: np.random.Generator, aug: AugmentConfig):
     """torchvision's ColorJitter on a PIL image: each factor drawn, applied in random order."""
-    import torchvision.transforms.functional as TF
-
     ops = [
         (aug.brightness, lambda im, v: TF.adjust_brightness(im, 1.0 + v * aug.brightness)),
         (aug.contrast, lambda im, v: TF.adjust_contrast(im, 1.0 + v * aug.contrast)),
@@ -84,7 +75,7 @@ class PngDataset(Dataset):
 
     def __init__(self, pairs: list[tuple[Path, Path, bool]], aug: AugmentConfig, seed: int):
         self.pairs, self.aug, self.seed = pairs, aug, seed
-        self.lut = label_id_to_train_id()
+        self.lut = LABELID_TO_TRAINID
         self.mean = torch.tensor(MEAN).view(3, 1, 1) / 255.0
         self.std = torch.tensor(STD).view(3, 1, 1) / 255.0
 
@@ -92,8 +83,6 @@ class PngDataset(Dataset):
         return len(self.pairs)
 
     def __getitem__(self, key: tuple[int, int]):
-        from PIL import Image
-
         epoch, index = key
         image_path, label_path, is_label_ids = self.pairs[index]
         image = Image.open(image_path).convert("RGB")
@@ -109,8 +98,6 @@ class PngDataset(Dataset):
 
     def _geometry(self, image, label, rng: np.random.Generator):
         """Scale the whole frame, pad to the crop, crop a random window, maybe flip."""
-        from PIL import Image
-
         scale = rng.uniform(*self.aug.scale)
         size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
         image = image.resize(size, Image.BILINEAR)
@@ -172,7 +159,6 @@ class PngLoader:
             raise UserError(f"{root}: split {split!r} has {len(pairs)} frames, fewer than "
                             f"one batch of {batch_size}")
         if num_workers is None:
-            from loaders.torch_loader import default_num_workers
             num_workers = default_num_workers()
         self.num_workers = num_workers
         self.samples = _EpochSamples(len(pairs), batch_size, seed, repeat)

@@ -5,7 +5,7 @@
   swallow KeyboardInterrupt; DALI's are started with SIGINT ignored).
 - SIGTERM (scancel, preemption, a scheduler's time limit) and SIGUSR1 (SLURM's warning) also
   reach every process of a job. The main process then finishes its step and checkpoints
-  (training/preempt.py), which may still need batches: so a worker keeps serving, and exits
+  (training/train/preempt.py), which may still need batches: so a worker keeps serving, and exits
   by itself `GRACE_SECONDS` later if nobody has shut it down gently by then. A SIGTERM from
   the worker's own parent (the loader's forced shutdown) ends it at once, as torch's own
   worker handler does: a thread in the worker reads the sender of each signal.
@@ -15,6 +15,7 @@
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import sys
@@ -102,8 +103,6 @@ def die_with_parent(parent_pid: int) -> None:
     process for as long as it waits, holding the cache's files and shared memory."""
     if sys.platform != "linux":
         return
-    import ctypes
-
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)

@@ -98,7 +98,8 @@ def memory_mb(pids: list[int]) -> tuple[float, float]:
 def make_batches(args, kind: str, device: str):
     """(endless batch iterator, workers) of one kind on one device ("host": the host side
     alone, loaders/host_side.py)."""
-    from loaders import AugmentConfig, build_loader
+    from loaders import AugmentConfig
+    from loaders.factory import build_loader
     from loaders.contract import endless
 
     aug = AugmentConfig.square(args.res)

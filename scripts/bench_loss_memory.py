@@ -4,7 +4,7 @@
     python scripts/bench_loss_memory.py [--loss ce+dice] [--batch 8] [--res 640] \\
         [--dtype bf16] --json bench/loss_memory.json
 
-Both are run side by side on the same logits with training.memory.LiveBytes (storage bytes
+Both are run side by side on the same logits with training.core.memory.LiveBytes (storage bytes
 alive at each aten op; the logits and targets themselves are not counted). "shared cast"
 feeds the loss `logits.float()`, made inside the measured region, which is exactly what one
 cast in CombinedLoss would do (a term's own cast is a no-op on float32 input). Reports the
@@ -23,8 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training.losses import build_loss  # noqa: E402
-from training.memory import LiveBytes  # noqa: E402
+from training.core.losses import build_loss  # noqa: E402
+from training.core.memory import LiveBytes  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MIB = 2 ** 20

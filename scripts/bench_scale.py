@@ -214,7 +214,9 @@ class MemoryLimit:
 def epoch_main(cache: str, kind: str, res: int, batch_size: int, workers: str) -> None:
     import gc
 
-    from loaders import AugmentConfig, build_loader
+    from loaders import AugmentConfig
+
+    from loaders.factory import build_loader
 
     start = time.perf_counter()
     loader = build_loader(cache, "train", kind, train=True, batch_size=batch_size, device="cpu",

@@ -7,7 +7,7 @@
 "replay" feeds one batch already on the device over and over: the ceiling a loader can
 reach. loader_cost = 1 - images_per_s / ceiling (the target is under 5% with DALI on a GPU).
 loader_only_images_per_s is the loader alone, nothing else running. The logic lives in
-training.bench.benchmark_training; this script only parses options and reports.
+training.throughput.benchmark_training; this script only parses options and reports.
 
 --amp auto (the default, as in `train`) picks bf16 on compute capability 8.0+, fp16 with loss
 scaling on 7.x and float32 below and on the CPU; the JSON's "amp" is what was chosen and its
@@ -49,9 +49,9 @@ def main(cache, res, batch_size, arch, encoder, model_args, loaders, iters, warm
          workers, device, amp, threads, json_path):
     from dataclasses import replace
 
-    from training.bench import benchmark_training
-    from training.config import parse_model_args, resolve_config
-    from training.device import choose_precision, describe_precision, resolve_device
+    from training.throughput import benchmark_training
+    from training.train.config import parse_model_args, resolve_config
+    from training.core.device import choose_precision, describe_precision, resolve_device
 
     if threads:
         torch.set_num_threads(threads)

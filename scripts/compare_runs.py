@@ -6,7 +6,7 @@ FLOPs and latency, as a rich table and as Markdown.
     python scripts/compare_runs.py runs/*/eval.json --markdown -                 # Markdown on stdout
 
 Each RUN is a run dir (its eval.json, else its best.pt) or an `evaluate --json` file; see
-training.run_reports for where each number comes from. FLOPs are torch's count (2 per
+training.finished_runs for where each number comes from. FLOPs are torch's count (2 per
 multiply-add) at the evaluated input size; latency is batch 1 on the device `evaluate` ran on.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ def main(runs, eval_name, markdown_path):
 
     from dataprep.cli import print_uncut
 
-    from training.run_reports import (COMPARE_COLUMNS, comparison_row, markdown_table,
+    from training.finished_runs import (COMPARE_COLUMNS, comparison_row, markdown_table,
                                       missing_notes, table_cells)
 
     rows = [comparison_row(run, eval_name) for run in runs]

@@ -32,7 +32,7 @@ def main(runs, pick, json_path, markdown_path):
 
     from dataprep.cli import print_uncut
 
-    from training.run_reports import cv_summary, markdown_table, pct
+    from training.finished_runs import cv_summary, markdown_table, pct
 
     summary = cv_summary(runs, pick)
     console = Console()

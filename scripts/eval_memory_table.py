@@ -1,5 +1,5 @@
 """The evaluation-memory table of the README: for every recipe in configs/*.yaml, the estimated
-peak GPU memory (training.memory) of evaluating whole 2048x1024 frames, batch 1..8, and the
+peak GPU memory (training.core.memory) of evaluating whole 2048x1024 frames, batch 1..8, and the
 largest batch that fits a 6 GB card (RTX 2060) and a 12 GB card (RTX 3060), plain and with
 flip TTA, for `evaluate` (no loss, no optimiser state) and for validation inside the recipe's
 training run (its loss and optimiser state on the card as well). Runs on the CPU.
@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from training.memory import FIT_MARGIN, GIB, MAX_AUTO_BATCH, eval_memory  # noqa: E402
+from training.core.memory import FIT_MARGIN, GIB, MAX_AUTO_BATCH, eval_memory  # noqa: E402
 
 # what torch reports as total_memory: the nominal size less what the driver keeps (~3%)
 CARDS = {"RTX 2060 6 GB": int(0.97 * 6 * GIB), "RTX 3060 12 GB": int(0.97 * 12 * GIB)}

@@ -92,18 +92,18 @@ def part_versions(args) -> dict:
 
 
 def precision_info(device: str) -> dict:
-    """What --amp auto computes in on `device` and why (training.device.describe_precision:
+    """What --amp auto computes in on `device` and why (training.core.device.describe_precision:
     name, capability, native_bf16, amp, loss_scaling, reason); never raises."""
     import torch
 
     try:
-        from training.device import describe_precision
-    except ImportError:  # an older training.device: the plain answer
+        from training.core.device import describe_precision
+    except ImportError:  # an older training.core.device: the plain answer
         describe_precision = None
     try:
         if describe_precision is not None:
             return describe_precision(device, "auto")
-        from training.device import resolve_amp
+        from training.core.device import resolve_amp
 
         device = torch.device(device)
         major, minor = torch.cuda.get_device_capability(device)
@@ -180,10 +180,10 @@ def small_training(cache: str, kind: str, *, device: str, res: int, arch="unet",
                    encoder="resnet18"):
     """(TimedTraining, loader) of the product's own training step on `kind` batches."""
     from cache.reader import CacheReader
-    from training.bench import TimedTraining
-    from training.builders import build_split_loader
-    from training.config import resolve_config
-    from training.device import single_process
+    from training.throughput import TimedTraining
+    from training.train.builders import build_split_loader
+    from training.train.config import resolve_config
+    from training.core.device import single_process
 
     config = resolve_config({"cache": cache, "res": str(res), "batch_size": BATCH,
                              "arch": arch, "encoder": encoder, "encoder_weights": "none",
@@ -200,7 +200,7 @@ def part_syncs(args) -> dict:
 
     import torch
 
-    from training.engine import train_step
+    from training.core.engine import train_step
 
     cuda = args.device == "cuda"
     out = {}
@@ -232,7 +232,9 @@ def part_compare(args) -> dict:
     """The DALI graph on the GPU and on the CPU, same seed and samples."""
     import torch
 
-    from loaders import AugmentConfig, build_loader
+    from loaders import AugmentConfig
+
+    from loaders.factory import build_loader
     from loaders.contract import STD
 
     aug = AugmentConfig.square(RES)
@@ -260,7 +262,9 @@ def part_held(args) -> dict:
     """A batch the training loop still holds must not change while the loader runs on."""
     import torch
 
-    from loaders import AugmentConfig, build_loader
+    from loaders import AugmentConfig
+
+    from loaders.factory import build_loader
     from loaders.contract import endless
 
     out = {}
@@ -336,7 +340,9 @@ def late_fingerprints(args, kind: str, batches: int, *, delay: int, zero_copy: b
     waited for before the batch goes)."""
     import torch
 
-    from loaders import AugmentConfig, build_loader
+    from loaders import AugmentConfig
+
+    from loaders.factory import build_loader
     from loaders.contract import endless
 
     cuda = args.device == "cuda"

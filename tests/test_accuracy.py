@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.metrics import ConfusionMatrix
+from training.core.metrics import ConfusionMatrix
 
 NAMES = ["road", "sidewalk", "building", "wall"]
 

@@ -1,4 +1,4 @@
-"""Every output whole or absent, every failure one line (issue 19): training.atomic, checkpoints
+"""Every output whole or absent, every failure one line (issue 19): training.outputs.atomic, checkpoints
 on a full disk (simulated in-process, and a real 2 MB-class tmpfs where this machine lets us
 mount one), evaluate's JSON and PNGs, Ctrl-C messages that name the right command."""
 from __future__ import annotations
@@ -21,8 +21,8 @@ from PIL import Image
 
 from tests.cachefab import blocky_cache
 from tests.test_evaluate import FAST, H, W, tiny_checkpoint
-from training import atomic
-from training.checkpoint import load_checkpoint, save_checkpoint
+from training.outputs import atomic
+from training.train.checkpoint import load_checkpoint, save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 REPO = Path(__file__).resolve().parents[1]
@@ -46,7 +46,7 @@ def leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.rglob("*") if ".tmp" in p.name)
 
 
-# -- training.atomic ---------------------------------------------------------------------------
+# -- training.outputs.atomic ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("writer, data", [
     (atomic.write_text, "new text"), (atomic.write_bytes, b"new bytes"),
@@ -114,7 +114,7 @@ def one_error_line(output: str) -> str:
 
 
 def test_a_full_disk_at_a_checkpoint_stops_train_in_one_line(cache, tmp_path, monkeypatch):
-    from training import checkpoint
+    from training.train import checkpoint
     from training.cli import main
 
     out = tmp_path / "run"
@@ -242,8 +242,8 @@ def test_evaluate_writes_no_picture_into_a_folder_it_did_not_make(setup, tmp_pat
 
 
 def test_evaluate_visualizes_into_its_own_folder_again(setup, tmp_path):
-    from training.evaluate import run_evaluate
-    from training.outputs_folder import read_marker
+    from training.infer.evaluate import run_evaluate
+    from training.outputs.folder import read_marker
 
     _, cache, ckpt = setup
     vis = tmp_path / "vis"
@@ -255,7 +255,7 @@ def test_evaluate_visualizes_into_its_own_folder_again(setup, tmp_path):
 
 
 def test_json_never_overwrites_a_users_file(setup, tmp_path):
-    from training.evaluate import run_evaluate
+    from training.infer.evaluate import run_evaluate
 
     _, cache, ckpt = setup
     notes = tmp_path / "notes.json"
@@ -280,12 +280,13 @@ def test_export_and_visualize_cannot_share_a_folder(setup, tmp_path):
 
 
 def test_predictions_are_cast_to_uint8_on_the_device_with_the_same_bytes(tmp_path):
-    from training.export import PngWriter, _as_numpy, as_uint8_labels
+    from training.outputs.writer import PngWriter
+    from training.outputs.labels import as_numpy, as_uint8_labels
 
     preds = torch.randint(0, 19, (2, 8, 16))
     preds[0, 0, :4] = torch.tensor([0, 18, 254, 255])
     assert as_uint8_labels(preds).dtype == np.uint8
-    assert as_uint8_labels(preds).tobytes() == _as_numpy(preds).astype(np.uint8).tobytes()
+    assert as_uint8_labels(preds).tobytes() == as_numpy(preds).astype(np.uint8).tobytes()
     names = ["berlin/berlin_000000_000019", "berlin/berlin_000001_000019"]
     for kind, batch in (("int64", preds), ("uint8", preds.to(torch.uint8))):
         writer = PngWriter("unused", "val", names, tmp_path / kind, None)
@@ -300,8 +301,8 @@ def test_predictions_are_cast_to_uint8_on_the_device_with_the_same_bytes(tmp_pat
 # -- Ctrl-C names the command that was running ---------------------------------------------------
 
 @pytest.mark.parametrize("command, module, function", [
-    ("evaluate", "training.evaluate", "run_evaluate"),
-    ("predict", "training.predict", "run_predict")])
+    ("evaluate", "training.infer.evaluate", "run_evaluate"),
+    ("predict", "training.infer.predict", "run_predict")])
 def test_ctrl_c_names_the_command_that_was_interrupted(monkeypatch, tmp_path, command, module,
                                                        function):
     import importlib

@@ -629,7 +629,8 @@ def test_decoder_gives_pils_pixels_and_falls_back_to_pil(tmp_path):
 def test_scale_stores_training_splits_downscaled_and_stats_and_loader_run_on_it(small_tree, tmp_path):
     from dataprep.build import downscale
     from dataprep.stats import compute_stats
-    from loaders import AugmentConfig, build_loader
+    from loaders import AugmentConfig
+    from loaders.factory import build_loader
 
     out = tmp_path / "half"
     result = run_build("--root", small_tree, "--out", out, "--workers", "2", "--scale", "0.5", "--tile", "128")

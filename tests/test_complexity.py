@@ -8,8 +8,8 @@ from torch import nn
 
 from tests.cachefab import blocky_cache
 from tests.test_evaluate import FAST, tiny_checkpoint
-from training.complexity import count_flops, count_parameters, model_complexity
-from training.evaluate import run_evaluate
+from training.core.complexity import count_flops, count_parameters, model_complexity
+from training.infer.evaluate import run_evaluate
 
 
 def test_a_convolution_counts_two_flops_per_multiply_add():
@@ -20,7 +20,7 @@ def test_a_convolution_counts_two_flops_per_multiply_add():
 
 
 def test_smp_model_flops_grow_with_the_input_and_keep_the_mode():
-    from training.model import build_model
+    from training.core.model import build_model
 
     model = build_model("unet", "resnet18", 19, None, encoder_depth=3,
                         decoder_channels=[16, 8, 8]).train()

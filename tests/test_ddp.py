@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from tests.cachefab import blocky_cache
-from training.checkpoint import load_checkpoint
-from training.plots import read_metrics
+from training.train.checkpoint import load_checkpoint
+from training.train.plots import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 H, W = 128, 256

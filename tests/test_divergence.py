@@ -13,11 +13,12 @@ import pytest
 import torch
 
 from tests.cachefab import blocky_cache
-from training import run as run_module
-from training.checkpoint import load_checkpoint
-from training.config import resolve_config
-from training.device import unwrap
-from training.run import DIVERGED_AFTER_LOGS, Diverged, run_training
+from training.train import run as run_module
+from training.train.checkpoint import load_checkpoint
+from training.train.config import resolve_config
+from training.core.device import unwrap
+from training.train.guards import DIVERGED_AFTER_LOGS, Diverged
+from training.train.run import run_training
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 REPO = Path(__file__).resolve().parents[1]

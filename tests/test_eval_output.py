@@ -15,7 +15,7 @@ from rich.console import Console
 from cache.format import CLASS_NAMES
 from tests.cachefab import blocky_cache
 from tests.test_evaluate import tiny_checkpoint
-from training.evaluate import print_outputs, print_scores
+from training.infer.evaluate import print_outputs, print_scores
 
 REPO = Path(__file__).resolve().parents[1]
 LONG = "/data/experiments/cityscapes/2026-12-02/deeplabv3plus_resnet101_os8_bf16_poly/best.pt"

@@ -14,8 +14,9 @@ from rich.console import Console
 from cache.format import CLASS_NAMES
 from cache.errors import UserError
 from tests.cachefab import blocky_cache, blocky_frame, write_cache
-from training.evaluate import run_evaluate
-from training.export import labelid_to_trainid, trainid_to_labelid
+from training.infer.evaluate import run_evaluate
+from tests.labelmaps import labelid_to_trainid
+from training.outputs.labels import trainid_to_labelid
 
 TINY_KWARGS = {"encoder_depth": 3, "decoder_channels": [32, 16, 8]}
 H, W = 128, 256             # small frames: the tiny model dominates the run time
@@ -23,8 +24,8 @@ FAST = dict(loader="torch", device="cpu", num_workers=0, latency_runs=1)
 
 
 def tiny_checkpoint(path: Path, **meta_changes) -> Path:
-    from training.checkpoint import save_checkpoint
-    from training.model import build_model
+    from training.train.checkpoint import save_checkpoint
+    from training.core.model import build_model
 
     torch.manual_seed(0)
     model = build_model("unet", "resnet18", 19, None, **TINY_KWARGS)
@@ -129,7 +130,7 @@ def test_scores_equal_the_official_script_on_the_exported_pngs(setup, full_run):
 
 def test_exported_prediction_is_the_models_argmax_on_the_frame(setup, full_run):
     from loaders.contract import MEAN, STD
-    from training.checkpoint import load_for_eval
+    from training.train.checkpoint import load_for_eval
 
     _, cache, ckpt = setup
     out, _ = full_run

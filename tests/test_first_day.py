@@ -8,8 +8,8 @@ import yaml
 from cache.errors import UserError
 from tests.cachefab import blocky_cache
 from tests.test_train import TINY_UNET
-from training.config import resolve_config
-from training.run import run_training
+from training.train.config import resolve_config
+from training.train.run import run_training
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -53,7 +53,7 @@ def test_a_model_argument_typo_is_refused(cache, tmp_path):
 
 
 def test_evaluate_uses_the_loader_the_run_validated_with(monkeypatch):
-    from training.evaluate import evaluation_loader
+    from training.infer.evaluate import evaluation_loader
 
     assert evaluation_loader({"loader": "torch"}) == "torch"
     assert evaluation_loader({}) == "torch"
@@ -62,7 +62,8 @@ def test_evaluate_uses_the_loader_the_run_validated_with(monkeypatch):
 
 
 def test_too_few_frames_names_the_batch_size_that_fits(cache):
-    from loaders.contract import AugmentConfig, build_loader
+    from loaders.contract import AugmentConfig
+    from loaders.factory import build_loader
 
     with pytest.raises(UserError, match="use --batch-size 6 or less"):
         build_loader(cache, "train", "torch", train=True, batch_size=8,
@@ -72,7 +73,7 @@ def test_too_few_frames_names_the_batch_size_that_fits(cache):
 def test_a_rank_sees_only_its_own_gpu(monkeypatch):
     import torch
 
-    from training.device import resolve_device
+    from training.core.device import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)   # per-task CUDA_VISIBLE_DEVICES

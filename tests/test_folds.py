@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from cache.errors import UserError
-from training.folds import city_folds, make_fold, read_fold_file, write_fold_file
+from training.train.folds import city_folds, make_fold, read_fold_file, write_fold_file
 
 # 6 cities of 5, 4, 3, 3, 2, 1 frames (18), names sorted as a cache stores them
 SIZES = {"aachen": 5, "bochum": 4, "cologne": 3, "darmstadt": 3, "erfurt": 2, "jena": 1}

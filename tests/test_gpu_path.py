@@ -11,12 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loaders.contract import AugmentConfig, build_loader, cores_per_rank
+from loaders.contract import AugmentConfig, cores_per_rank
+
+from loaders.factory import build_loader
 from tests.cachefab import blocky_cache
 from tests.test_train import TINY_UNET
-from training.config import resolve_config
-from training.plots import read_metrics
-from training.run import run_training
+from training.train.config import resolve_config
+from training.train.plots import read_metrics
+from training.train.run import run_training
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +83,7 @@ class HostReads:
 
 
 def host_item(batch=3, height=40, width=56, seed=0):
-    from loaders.torch_loader import new_tensor  # noqa: F401  (the worker's allocation path)
+    from loaders.torch_dataset import new_tensor  # noqa: F401  (the worker's allocation path)
 
     rng = np.random.default_rng(seed)
     valid = np.array([[height, width], [height - 7, width - 11], [13, 17]])[:batch]
@@ -131,9 +133,9 @@ def test_finishing_is_batched_and_reads_nothing_back(monkeypatch, channels_last)
 
 
 def test_a_training_step_reads_nothing_back(cache, tmp_path, monkeypatch):
-    from training.builders import build_parts, model_meta
-    from training.device import single_process
-    from training.engine import DataWait, train_step
+    from training.train.builders import build_parts, model_meta
+    from training.core.device import single_process
+    from training.core.engine import DataWait, train_step
 
     config = tiny(cache, tmp_path / "r", loss="ce+dice+focal", class_weights="none")
     env = single_process("cpu")
@@ -153,7 +155,7 @@ def test_a_training_step_reads_nothing_back(cache, tmp_path, monkeypatch):
 
 
 def test_dice_builds_no_one_hot_and_equals_the_one_hot_formula(monkeypatch):
-    from training.losses import DiceLoss
+    from training.core.losses import DiceLoss
 
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 16, 20)
@@ -239,7 +241,7 @@ def fake_gpus(monkeypatch):
 
 
 def test_torchrun_local_rank_decides_the_gpu(fake_gpus, monkeypatch):
-    from training.device import resolve_device
+    from training.core.device import resolve_device
 
     assert resolve_device("cuda:0", local_rank=1, under_torchrun=True) == torch.device("cuda", 1)
     assert resolve_device("cuda", local_rank=1, under_torchrun=True) == torch.device("cuda", 1)
@@ -251,14 +253,14 @@ def test_torchrun_local_rank_decides_the_gpu(fake_gpus, monkeypatch):
 
 
 def test_single_process_makes_its_gpu_current(fake_gpus):
-    from training.device import single_process
+    from training.core.device import single_process
 
     env = single_process("cuda:1")
     assert env.device == torch.device("cuda", 1) and fake_gpus == [torch.device("cuda", 1)]
 
 
 def test_init_distributed_puts_each_rank_on_its_local_gpu(fake_gpus, monkeypatch):
-    from training import device as device_module
+    from training.core import device as device_module
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
@@ -271,7 +273,7 @@ def test_init_distributed_puts_each_rank_on_its_local_gpu(fake_gpus, monkeypatch
 # -- 9. GPU defaults ----------------------------------------------------------------------------
 def test_gpu_defaults_bf16_or_fp16_and_channels_last(monkeypatch):
     from tests.test_precision import fake_cards
-    from training.device import resolve_amp, resolve_channels_last
+    from training.core.device import resolve_amp, resolve_channels_last
 
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
     # cards as torch reports them, torch's own is_bf16_supported on top (tests/test_precision.py

@@ -22,7 +22,7 @@ from cache.errors import UserError
 from dataprep.discover import discover
 from dataprep.rasterize import MAX_POINTS, BadFrame, load_polygons, render_trainids
 from cache.safe_input import MAX_JSON_BYTES, BadInput, read_png, walk_files
-from training.outputs_folder import MARKER
+from training.outputs.folder import MARKER
 
 REPO = Path(__file__).resolve().parents[1]
 STEM = "aachen_000000_000019"
@@ -223,7 +223,7 @@ def test_walk_files_ends_on_link_loops_and_stops_deep_folders(tmp_path):
 def test_a_fifo_named_as_an_image_is_reported_not_read(tmp_path):
     noise_png(tmp_path / "in" / "good.png")
     os.mkfifo(tmp_path / "in" / "pipe.png")
-    code = ("from training.predict import find_inputs\n"
+    code = ("from training.infer.inputs import find_inputs\n"
             f"inputs = find_inputs({str(tmp_path / 'in')!r})\n"
             "print([p.name for p in inputs.images], inputs.problems)\n"
             "try:\n"
@@ -311,7 +311,7 @@ def test_a_video_cut_before_its_index_is_refused_in_one_line(ckpt, tmp_path):
 
 
 def test_a_batch_that_runs_out_of_memory_is_reported_frame_by_frame(ckpt, tmp_path, monkeypatch):
-    import training.predict as predict
+    import training.infer.predict as predict
 
     noise_png(tmp_path / "in" / "small.png", 32, 64)
     noise_png(tmp_path / "in" / "tall.png", 96, 64)

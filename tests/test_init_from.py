@@ -7,9 +7,9 @@ import torch
 
 from cache.errors import UserError
 from cache.format import CLASS_NAMES
-from training.checkpoint import save_checkpoint
-from training.init_from import load_initial_weights
-from training.model import build_model
+from training.train.checkpoint import save_checkpoint
+from training.train.init_from import load_initial_weights
+from training.core.model import build_model
 
 KW = {"encoder_depth": 3, "decoder_channels": [16, 8, 8]}
 

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from cache.errors import UserError
-from loaders.contract import AugmentConfig, build_loader
+from loaders.contract import AugmentConfig
+from loaders.factory import build_loader
 from tests.cachefab import blocky_cache
 
 AUG = AugmentConfig(crop=(64, 64), scale=(0.5, 1.0)).no_jitter()

@@ -18,7 +18,8 @@ import torch
 from cache.errors import UserError
 from cache.format import CacheError
 from cache.reader import CacheReader
-from loaders import AugmentConfig, build_loader
+from loaders import AugmentConfig
+from loaders.factory import build_loader
 from loaders.colour import colour_twist, normalise
 from loaders.contract import MEAN, STD
 from loaders.order import shard_indices
@@ -441,7 +442,7 @@ SIZE_PAIRS = [(96, 61), (1024, 640), (2048, 1280), (300, 97), (97, 300), (1280, 
 
 
 def test_nearest_indices_are_in_range_and_monotone():
-    from loaders.torch_loader import nearest_indices
+    from loaders.torch_dataset import nearest_indices
 
     for n, o in SIZE_PAIRS:
         idx = nearest_indices(n, o)
@@ -455,7 +456,7 @@ def test_nearest_indices_are_in_range_and_monotone():
 def test_nearest_and_linear_resize_match_dali(dali):
     from nvidia.dali import fn, pipeline_def, types
 
-    from loaders.torch_loader import resize_image, resize_mask
+    from loaders.torch_dataset import resize_image, resize_mask
 
     rng = np.random.default_rng(1)
     pairs = [((n, 3), (o, 5)) for n, o in SIZE_PAIRS] + [((200, 300), (64, 100)),
@@ -490,7 +491,7 @@ def test_nearest_and_linear_resize_match_dali(dali):
 
 
 def test_mask_resize_keeps_only_source_values():
-    from loaders.torch_loader import resize_mask
+    from loaders.torch_dataset import resize_mask
 
     checker = np.where((np.indices((101, 203)).sum(0) % 2) == 0, 3, 200).astype(np.uint8)
     for out in [(50, 101), (37, 61), (202, 406), (13, 300)]:

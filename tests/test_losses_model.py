@@ -12,13 +12,13 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from cache.errors import UserError
-from training.checkpoint import (capture_rng, check_compatible, load_checkpoint, load_for_eval,
+from training.train.checkpoint import (capture_rng, check_compatible, load_checkpoint, load_for_eval,
                                  restore_rng, save_checkpoint)
-from training.builders import build_optimizer, lr_factor
-from training.config import resolve_config
-from training.losses import (CrossEntropy, DiceLoss, FocalLoss, build_loss, load_class_weights,
+from training.train.builders import build_optimizer, lr_factor
+from training.train.config import resolve_config
+from training.core.losses import (CrossEntropy, DiceLoss, FocalLoss, build_loss, load_class_weights,
                              parse_loss_spec, split_weights_spec)
-from training.model import (build_model, canonical_arch, check_input_size,
+from training.core.model import (build_model, canonical_arch, check_input_size,
                             hub_unreachable_reason, nearest_multiple)
 
 IGNORE = 255

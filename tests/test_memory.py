@@ -1,4 +1,4 @@
-"""training.memory: the peak-memory estimate of evaluation and the automatic validation batch."""
+"""training.core.memory: the peak-memory estimate of evaluation and the automatic validation batch."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from cache.errors import UserError
-from training import memory
-from training.memory import GIB, auto_val_batch, eval_memory, fitting_val_batch
+from training.core import memory
+from training.core.memory import GIB, auto_val_batch, eval_memory, fitting_val_batch
 
 SMALL = (256, 512)
 FULL = (1024, 2048)
@@ -61,7 +61,7 @@ def test_estimate_matches_the_real_cpu_pass(arch):
     agrees exactly, and the CPU allocator's own peak (torch.profiler) is at most 15% above it
     (what the counter cannot see: a kernel's internal scratch, here mkldnn's convolution; on
     CUDA the cuDNN workspace, which the total adds)."""
-    from training.model import build_model
+    from training.core.model import build_model
 
     hw = (128, 256)
     estimate = eval_memory(arch, "resnet18", hw, 2, None, loss="ce", channels_last=False)
@@ -99,9 +99,9 @@ def test_auto_batch_is_one_where_nothing_fits():
 
 
 def test_the_cpu_keeps_batch_one(gpu_of):
-    from training.builders import resolve_val_batch_size
-    from training.config import TrainConfig, resolve_config
-    from training.device import DistEnv
+    from training.train.resolve import resolve_val_batch_size
+    from training.train.config import TrainConfig, resolve_config
+    from training.core.device import DistEnv
 
     assert TrainConfig().val_batch_size is None and TrainConfig().to_dict()["val_batch_size"] == "auto"
     cpu = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -139,7 +139,7 @@ def test_estimate_against_the_cuda_allocator():
     """On a GPU: the fake estimate against torch.cuda.max_memory_allocated() of the same pass;
     the difference is what kernels allocate inside (cuDNN workspace), which the total budgets
     as CUDNN_WORKSPACE_BYTES."""
-    from training.model import build_model
+    from training.core.model import build_model
 
     hw = (512, 1024)
     estimate = eval_memory("deeplabv3plus", "resnet18", hw, 2, "fp16", channels_last=False)

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from cache.format import CLASS_NAMES
-from training.export import export_predictions
-from training.metrics import ConfusionMatrix
+from training.outputs.export import export_predictions
+from training.core.metrics import ConfusionMatrix
 
 H, W = 256, 512
 TRAIN, BUS, MOTORCYCLE = 16, 15, 17          # trainIds the fixtures keep absent on purpose
@@ -23,7 +23,7 @@ def nan_to_none(value):
 
 
 def official_labelid_to_trainid() -> np.ndarray:
-    """Built here from cityscapesscripts itself, independently of training.export."""
+    """Built here from cityscapesscripts itself, independently of training.outputs.export."""
     from cityscapesscripts.helpers.labels import labels
 
     lut = np.full(256, 255, dtype=np.uint8)

@@ -1,4 +1,4 @@
-"""`evaluate --visualize`: the colour prediction and the sheet of panels (training/overlays.py)."""
+"""`evaluate --visualize`: the colour prediction and the sheet of panels (training/outputs/overlays.py)."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from training.export import colorize
-from training.overlays import (GAP, HATCH_RGB, WRONG_RGB, blend, error_panel, overlay_sheet,
+from training.outputs.labels import colorize
+from training.outputs.overlays import (GAP, HATCH_RGB, WRONG_RGB, blend, error_panel, overlay_sheet,
                                visualize)
 
 H, W = 256, 512

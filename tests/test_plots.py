@@ -1,4 +1,4 @@
-"""The run's plots (training/plots.py): what each figure shows, drawn from metrics records."""
+"""The run's plots (training/train/plots.py): what each figure shows, drawn from metrics records."""
 from __future__ import annotations
 
 import matplotlib.colors as mcolors
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.plots import class_iou_figure, loss_figure, write_plots
+from training.train.plots import class_iou_figure, loss_figure, write_plots
 
 
 @pytest.fixture(autouse=True)

@@ -13,7 +13,8 @@ from dataprep.synth import write_synthetic_tree
 from loaders.colour import normalise
 from loaders.contract import AugmentConfig
 from loaders.order import shard_indices
-from loaders.png_baseline import build_png_loader, find_pairs, label_id_to_train_id
+from cache.labels import LABELID_TO_TRAINID
+from loaders.png_baseline import build_png_loader, find_pairs
 
 H, W = 128, 256
 IDENTITY = AugmentConfig(crop=(H, W), scale=(1.0, 1.0), flip_prob=0.0).no_jitter()
@@ -40,7 +41,7 @@ def batches(loader, epoch=0):
 def test_lut_follows_cityscapesscripts():
     from cityscapesscripts.helpers.labels import labels
 
-    lut = label_id_to_train_id()
+    lut = LABELID_TO_TRAINID
     assert lut.shape == (256,) and lut.dtype == np.uint8
     for label in labels:
         if label.id >= 0:
@@ -54,7 +55,7 @@ def test_identity_augmentation_reproduces_the_files(raw):
     loader = build_png_loader(raw, "train", batch_size=5, aug=IDENTITY, num_workers=0)
     (batch,) = batches(loader)
     assert batch.rows.tolist() == shard_indices(5, seed=0, epoch=0).tolist()
-    lut = label_id_to_train_id()
+    lut = LABELID_TO_TRAINID
     for image, mask, row in zip(batch.image, batch.mask, batch.rows.tolist()):
         rgb, label_ids = stored(raw, "train", row)
         assert torch.equal(mask, torch.from_numpy(lut[label_ids]).long())
@@ -64,7 +65,7 @@ def test_identity_augmentation_reproduces_the_files(raw):
 
 
 def test_train_ids_files_are_used_when_label_ids_are_absent(raw, tmp_path):
-    lut = label_id_to_train_id()
+    lut = LABELID_TO_TRAINID
     copy = tmp_path / "raw"
     shutil.copytree(raw, copy)
     for label in copy.glob("gtFine/train/*/*_gtFine_labelIds.png"):
@@ -86,7 +87,7 @@ def test_flip_mirrors_image_and_mask(raw):
 
 
 def test_random_scale_crop_keeps_source_labels(raw):
-    lut = label_id_to_train_id()
+    lut = LABELID_TO_TRAINID
     aug = AugmentConfig(crop=(100, 300), scale=(0.5, 2.0)).no_jitter()
     loader = build_png_loader(raw, "train", batch_size=2, aug=aug, num_workers=0)
     assert len(loader) == 2
@@ -99,7 +100,7 @@ def test_random_scale_crop_keeps_source_labels(raw):
 
 
 def test_padding_when_the_scaled_frame_is_smaller_than_the_crop(raw):
-    lut = label_id_to_train_id()
+    lut = LABELID_TO_TRAINID
     aug = AugmentConfig(crop=(100, 300), scale=(0.5, 0.5), flip_prob=0.0).no_jitter()
     (batch,) = batches(build_png_loader(raw, "val", batch_size=2, aug=aug, num_workers=0))
     pad = normalise(torch.zeros(1, 3, 1, 1))[0]

@@ -16,11 +16,12 @@ import pytest
 import torch
 
 from cache.errors import UserError
-from training.builders import build_grad_scaler, resolve_defaults
-from training.config import TrainConfig
-from training.device import (DistEnv, Precision, autocast_context, choose_precision,
+from training.train.builders import build_grad_scaler
+from training.train.resolve import resolve_defaults
+from training.train.config import TrainConfig
+from training.core.device import (DistEnv, Precision, autocast_context, choose_precision,
                              describe_precision, resolve_amp)
-from training.report import banner_lines
+from training.train.report import banner_lines
 
 GiB = 1 << 30
 CARDS = {   # name, (major, minor), memory: as torch.cuda.get_device_properties reports them
@@ -180,8 +181,8 @@ def test_saved_config_holds_the_choice_and_the_banner_says_why(monkeypatch, card
     reader = SimpleNamespace(path="/data/cs.zarr")
     # other machine-dependent defaults (e.g. a validation batch sized to the card's memory)
     # would need a real cache and card: not this test's business
-    import training.builders
-    monkeypatch.setattr(training.builders, "resolve_val_batch_size", lambda *a: 1, raising=False)
+    import training.train.resolve
+    monkeypatch.setattr(training.train.resolve, "resolve_val_batch_size", lambda *a: 1, raising=False)
     config = resolve_defaults(TrainConfig(cache="/data/cs.zarr", class_weights="none", amp="auto",
                                           iters=20), reader, DistEnv(0, 1, 0, device))
     amp, reason = AUTO[card] if card != "cpu" else (None, "float32 on the CPU")
@@ -229,7 +230,7 @@ def _run_bench_train(monkeypatch, tmp_path, *args):
 
     from click.testing import CliRunner
 
-    import training.bench
+    import training.throughput
 
     got = {}
 
@@ -237,7 +238,7 @@ def _run_bench_train(monkeypatch, tmp_path, *args):
         got["config"] = config
         return {"device": str(config.device or "cpu"), "amp": config.amp, "results": {}}
 
-    monkeypatch.setattr(training.bench, "benchmark_training", benchmark)
+    monkeypatch.setattr(training.throughput, "benchmark_training", benchmark)
     out = tmp_path / "train.json"
     result = CliRunner().invoke(_bench_train().main, ["--cache", str(tmp_path), "--json", str(out),
                                                       *args])

@@ -12,9 +12,10 @@ from PIL import Image
 
 from cache.errors import UserError
 from tests.test_evaluate import tiny_checkpoint
-from training.export import colorize
-from training.outputs_folder import MARKER
-from training.predict import batches_of_one_size, find_inputs, run_predict
+from training.outputs.labels import colorize
+from training.outputs.folder import MARKER
+from training.infer.inputs import batches_of_one_size, find_inputs
+from training.infer.predict import run_predict
 
 FAST = dict(device="cpu")
 
@@ -43,10 +44,10 @@ def image_tree(tmp_path_factory):
 
 
 def expected_trainids(ckpt: Path, rgb: np.ndarray) -> np.ndarray:
-    """The prediction computed here without training.predict: normalise, model, argmax."""
+    """The prediction computed here without training.infer.predict: normalise, model, argmax."""
     from loaders.contract import MEAN, STD
-    from training.checkpoint import load_for_eval
-    from training.tta import predict_logits
+    from training.train.checkpoint import load_for_eval
+    from training.core.tta import predict_logits
 
     model, _ = load_for_eval(ckpt)
     x = (torch.from_numpy(rgb).permute(2, 0, 1)[None].float() - torch.tensor(MEAN).view(1, 3, 1, 1)) \
@@ -190,7 +191,7 @@ def test_the_command_line_reports_a_mistake_in_one_line(ckpt, image_tree, tmp_pa
 
 def test_normalisation_constants_are_made_once_per_device():
     from loaders.contract import MEAN, STD
-    from training.tta import normalisation
+    from training.core.tta import normalisation
 
     first, again = normalisation("cpu"), normalisation(torch.device("cpu"))
     assert all(a is b for a, b in zip(first, again))          # cached: no tensor per batch

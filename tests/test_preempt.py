@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from training.preempt import REQUEUE_EXIT_STATUS, Preempted, StopSignals
+from training.train.preempt import REQUEUE_EXIT_STATUS, Preempted, StopSignals
 
 LOCAL = SimpleNamespace(distributed=False, device=torch.device("cpu"))
 

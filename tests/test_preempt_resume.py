@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from tests.cachefab import blocky_cache
-from training.checkpoint import load_checkpoint
-from training.plots import read_metrics
-from training.preempt import REQUEUE_EXIT_STATUS
+from training.train.checkpoint import load_checkpoint
+from training.train.plots import read_metrics
+from training.train.preempt import REQUEUE_EXIT_STATUS
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -27,7 +27,8 @@ SLURM_ITERS = 30
 
 SLOW_TRAIN = f"""
 import sys, time
-from training import cli, run
+from training import cli
+from training.train import run
 original = run.Trainer._after_step
 def after_step(self):
     original(self)
@@ -158,7 +159,8 @@ def test_the_slurm_script_forwards_the_warning_and_requeues(straight, tmp_path):
 # agree at step 3 and both stop there, with no rank left waiting in a collective.
 ONE_RANK_SIGNALLED = """
 import os, signal, sys
-from training import cli, run
+from training import cli
+from training.train import run
 original = run.Trainer._after_step
 def after_step(self):
     original(self)

@@ -12,8 +12,8 @@ import yaml
 from click.testing import CliRunner
 
 from tests.cachefab import blocky_frame, write_cache
-from training.checkpoint import load_checkpoint
-from training.config import read_config_file
+from training.train.checkpoint import load_checkpoint
+from training.train.config import read_config_file
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "configs").glob("*.yaml"))

@@ -13,10 +13,10 @@ import torch
 
 from cache.errors import UserError
 from tests.cachefab import blocky_cache
-from training.checkpoint import load_checkpoint
-from training.config import resolve_config
-from training.run import run_training
-from training.plots import read_metrics
+from training.train.checkpoint import load_checkpoint
+from training.train.config import resolve_config
+from training.train.run import run_training
+from training.train.plots import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 # 12 frames / batch 2 = 6 steps an epoch. last.pt is written at steps 4 and 8
@@ -28,8 +28,8 @@ ITERS, KILL_AFTER, CHECKPOINT_EVERY = 10, 5, 4
 # checkpointed): a kill at a known point rather than a race with a timer.
 KILLER = """
 import json, os, signal, sys
-from training import run
-from training.config import resolve_config
+from training.train import run
+from training.train.config import resolve_config
 
 kill_after = int(sys.argv[2])
 original = run.Trainer._after_step

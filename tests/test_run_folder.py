@@ -11,11 +11,11 @@ from click.testing import CliRunner
 
 from cache.errors import UserError
 from tests.cachefab import blocky_cache
-from training.checkpoint import load_checkpoint, save_checkpoint
-from training.config import resolve_config
-from training.outputs_folder import (MARKER, check_output_dir, claim_output_dir, read_marker,
+from training.train.checkpoint import load_checkpoint, save_checkpoint
+from training.train.config import resolve_config
+from training.outputs.folder import (MARKER, check_output_dir, claim_output_dir, read_marker,
                                      write_marker)
-from training.run import run_training
+from training.train.run import run_training
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -73,7 +73,7 @@ def one_error_line(output: str) -> str:
     return lines[0]
 
 
-# -- the shared rule (training.outputs_folder) -------------------------------------------------
+# -- the shared rule (training.outputs.folder) -------------------------------------------------
 
 def test_new_empty_and_own_folders_are_taken_and_marked(tmp_path):
     new = claim_output_dir(tmp_path / "a" / "b", "visualize", option="--visualize")

@@ -13,10 +13,10 @@ import pytest
 from cache.errors import UserError
 from tests.cachefab import blocky_cache
 from tests.test_evaluate import FAST, tiny_checkpoint
-from training.checkpoint import load_checkpoint, save_checkpoint
-from training.evaluate import run_evaluate
-from training.folds import make_fold, write_fold_file
-from training.run_reports import comparison_row, cv_summary, missing_notes, table_cells
+from training.train.checkpoint import load_checkpoint, save_checkpoint
+from training.infer.evaluate import run_evaluate
+from training.train.folds import make_fold, write_fold_file
+from training.finished_runs import comparison_row, cv_summary, missing_notes, table_cells
 
 REPO = Path(__file__).resolve().parents[1]
 

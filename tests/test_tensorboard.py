@@ -1,4 +1,4 @@
-"""`train --tensorboard`: metrics records as TensorBoard scalars (training/tensorboard.py),
+"""`train --tensorboard`: metrics records as TensorBoard scalars (training/train/tensorboard.py),
 read back with TensorBoard's own EventAccumulator."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from cache.errors import UserError
-from training.tensorboard import TB_DIR, TensorBoardSink, record_scalars
+from training.train.tensorboard import TB_DIR, TensorBoardSink, record_scalars
 
 pytest.importorskip("tensorboard", reason="the [tensorboard] extra is not installed")
 
@@ -99,7 +99,7 @@ def test_a_training_run_writes_its_metrics_as_scalars(tmp_path):
     import torch
 
     from tests.cachefab import blocky_cache
-    from training.plots import read_metrics
+    from training.train.plots import read_metrics
 
     torch.set_num_threads(1)
     cache = blocky_cache(tmp_path / "c", n_train=4, n_val=1, height=64, width=128)

@@ -10,10 +10,10 @@ import torch
 
 from cache.errors import UserError
 from tests.cachefab import blocky_cache
-from training.checkpoint import load_checkpoint, load_for_eval
-from training.config import resolve_config
-from training.run import run_training
-from training.plots import PLOT_NAMES, read_metrics
+from training.train.checkpoint import load_checkpoint, load_for_eval
+from training.train.config import resolve_config
+from training.train.run import run_training
+from training.train.plots import PLOT_NAMES, read_metrics
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TINY_UNET = {"encoder_depth": 3, "decoder_channels": [64, 32, 16]}
@@ -189,7 +189,7 @@ def test_mixed_precision_on_cuda(cache, tmp_path, amp):
 
 
 def test_resume_before_the_first_checkpoint_starts_over_and_drops_stale_lines(cache, tmp_path):
-    from training.outputs_folder import write_marker
+    from training.outputs.folder import write_marker
 
     run = tmp_path / "run"
     run.mkdir()
@@ -205,7 +205,7 @@ def test_resume_before_the_first_checkpoint_starts_over_and_drops_stale_lines(ca
 
 
 def test_benchmark_compares_loader_kinds_with_the_replay_ceiling(cache):
-    from training.bench import benchmark_training
+    from training.throughput import benchmark_training
 
     config = tiny_config(cache, "unused", batch_size=2)
     report = benchmark_training(config, ("replay", "torch"), iters=2, warmup=1, rounds=2)

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from tests.cachefab import blocky_cache
 from training import cli
-from training.config import TrainConfig, resolve_config
+from training.train.config import TrainConfig, resolve_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 def captured(monkeypatch):
     """Replace run_training by a recorder: these tests are about what reaches it."""
     calls = []
-    monkeypatch.setattr("training.run.run_training",
+    monkeypatch.setattr("training.train.run.run_training",
                         lambda config, resume=False: calls.append((config, resume)) or "ran")
     return calls
 
@@ -55,7 +55,7 @@ def test_flags_override_the_config_file(tmp_path, captured):
 def test_json_config_and_resume_reads_the_saved_config(tmp_path, captured):
     run = tmp_path / "run"
     run.mkdir()
-    from training.outputs_folder import write_marker
+    from training.outputs.folder import write_marker
     write_marker(run, "run", "train")     # train's own folder, killed before its first checkpoint
     (run / "config.yaml").write_text(yaml.safe_dump(
         TrainConfig(cache="/c", out=str(run), iters=7, arch="fpn").to_dict()))
@@ -149,7 +149,7 @@ def test_imagenet_weights_offline_fail_with_the_cause_and_the_way_out(tmp_path):
 
 def test_evaluate_passes_every_option(monkeypatch):
     calls = []
-    monkeypatch.setattr("training.evaluate.run_evaluate",
+    monkeypatch.setattr("training.infer.evaluate.run_evaluate",
                         lambda *a, **k: calls.append((a, k)) or {"miou": 0.5})
     result = invoke("evaluate", "--checkpoint", "b.pt", "--cache", "c", "--split", "test",
                     "--loader", "dali", "--batch-size", 2, "--tta", "0.75,1.0,1.25", "--flip",

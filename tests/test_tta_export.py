@@ -1,4 +1,4 @@
-"""Test-time augmentation (training/tta.py) and benchmark-format export (training/export.py)."""
+"""Test-time augmentation (training/core/tta.py) and benchmark-format export (training/outputs/export.py)."""
 from __future__ import annotations
 
 import copy
@@ -10,17 +10,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from cache.errors import UserError
-from training.export import (
-    LABELID_TO_TRAINID,
-    TRAINID_TO_LABELID,
-    colorize,
-    export_predictions,
-    labelid_to_trainid,
-    prepare_export_dir,
-    trainid_to_labelid,
-)
-from training.model import input_divisor
-from training.tta import predict_logits
+from training.outputs.export import export_predictions, prepare_export_dir
+from tests.labelmaps import labelid_to_trainid
+from training.outputs.labels import LABELID_TO_TRAINID, TRAINID_TO_LABELID, colorize, trainid_to_labelid
+from training.core.model import input_divisor
+from training.core.tta import predict_logits
 
 
 def tiny_unet():

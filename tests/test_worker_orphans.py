@@ -15,7 +15,8 @@ from tests.cachefab import blocky_cache
 REPO = Path(__file__).resolve().parents[1]
 HOLDER = """
 import sys, time
-from loaders.contract import AugmentConfig, build_loader
+from loaders.contract import AugmentConfig
+from loaders.factory import build_loader
 loader = build_loader(sys.argv[1], "train", sys.argv[2], train=True, batch_size=2,
                       aug=AugmentConfig(crop=(64, 64)), num_workers=1)
 next(iter(loader))
@@ -71,7 +72,8 @@ def test_workers_die_with_a_sigkilled_main_process(tmp_path, kind):
 def test_a_worker_serves_through_a_schedulers_sigterm_and_stops_on_its_parents(tmp_path):
     """SIGTERM from another process (a scheduler) is survived; from the loader's own process
     (its forced shutdown) it ends the worker at once, so shutting down never waits."""
-    from loaders.contract import AugmentConfig, build_loader
+    from loaders.contract import AugmentConfig
+    from loaders.factory import build_loader
 
     cache = blocky_cache(tmp_path / "c.zarr", n_train=8, n_val=1, height=64, width=128, tile=64)
     loader = build_loader(cache, "train", "torch", train=True, batch_size=2,

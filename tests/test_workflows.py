@@ -12,8 +12,8 @@ import yaml
 from click.testing import CliRunner
 
 from cache.reader import CacheReader
-from training.checkpoint import load_checkpoint
-from training.plots import read_metrics
+from training.train.checkpoint import load_checkpoint
+from training.train.plots import read_metrics
 
 TINY = ["--loader", "torch", "--arch", "unet", "--encoder", "resnet18", "--encoder-weights", "none",
         "--model-arg", "encoder_depth=3", "--model-arg", "decoder_channels=[16,8,8]",
@@ -94,7 +94,7 @@ def test_init_from_refuses_another_encoder(cache, tmp_path):
 
 def test_two_folds_by_city_and_their_summary(cache, tmp_path):
     from training.cli import train
-    from training.run_reports import cv_summary
+    from training.finished_runs import cv_summary
 
     runs = []
     for fold in (0, 1):

@@ -4,7 +4,7 @@
     torchrun --nproc_per_node 2 -m training.cli train --cache CACHE --out runs/r1
     evaluate --checkpoint runs/r1/best.pt --cache CACHE --tta 0.75,1.0,1.25 --flip
 
-Values are checked by training.config, the same way for flags and for --config files, so
+Values are checked by training.train.config, the same way for flags and for --config files, so
 every flag is read as text here and a mistake is reported as `error: ...` with exit status 1.
 """
 from __future__ import annotations
@@ -127,8 +127,8 @@ def train(config_file, model_args, resume, **flags):
     The first trains on the default cache with its stats.json class weights; --resume
     continues the run in --out from its last.pt; flags override a --config file.
     """
-    from training.config import parse_model_args, resolve_config
-    from training.run import run_training
+    from training.train.config import parse_model_args, resolve_config
+    from training.train.run import run_training
 
     if model_args:
         flags["model_kwargs"] = parse_model_args(model_args)
@@ -136,7 +136,7 @@ def train(config_file, model_args, resume, **flags):
     config = resolve_config(flags, config_file, resume=resume, notes=notes)
     for note in notes:
         click.echo(note, err=True)
-    from training.preempt import Preempted
+    from training.train.preempt import Preempted
 
     try:
         return run_training(config, resume=resume)
@@ -208,7 +208,7 @@ def evaluate(checkpoint, cache, split, loader, batch_size, tta, flip, json_path,
     The last writes the test split in the benchmark server's format.
     """
     from cache.location import resolve_cache
-    from training.evaluate import run_evaluate
+    from training.infer.evaluate import run_evaluate
 
     if cache is None:
         found = resolve_cache(None, must_exist=True)
@@ -226,13 +226,13 @@ def evaluate(checkpoint, cache, split, loader, batch_size, tta, flip, json_path,
 
 def _eval_batch_size(value, checkpoint, cache, split, *, device, amp, tta, flip,
                      eval_scale) -> int:
-    """evaluate --batch-size: a number as given, or auto (training.memory.auto_eval_batch)."""
+    """evaluate --batch-size: a number as given, or auto (training.infer.evaluate.auto_eval_batch)."""
     if str(value).strip().lower() != "auto":
         try:
             return int(str(value))
         except ValueError:
             raise UserError(f"--batch-size: {value!r} is not an integer or auto") from None
-    from training.memory import auto_eval_batch
+    from training.infer.evaluate import auto_eval_batch
 
     try:
         scales = parse_scales(tta)
@@ -275,7 +275,7 @@ def predict(checkpoint, input_spec, out_dir, video_path, fps, images, batch_size
 
     An input that cannot be read is reported in one line and left out; the others are
     predicted, and the exit status is then 3."""
-    from training.predict import EXIT_FAILED_INPUTS, run_predict
+    from training.infer.predict import EXIT_FAILED_INPUTS, run_predict
 
     record = run_predict(checkpoint, input_spec, out_dir, video_path=video_path, fps=fps,
                          images=images, batch_size=batch_size, tta_scales=parse_scales(tta),
