@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from cache.writer import CacheWriter, RowWriter, SplitPlan, Storage
 
@@ -126,3 +127,27 @@ def check_train_sample(image, mask: np.ndarray, p, frame_mask: np.ndarray) -> No
 def epoch_batches(loader, epoch: int = 0) -> list:
     loader.set_epoch(epoch)
     return list(loader)
+
+
+# -- a built 4-frame cache and a private copy of it per test (tests of a cache's faults) ------
+@pytest.fixture(scope="module")
+def small_tree(tmp_path_factory) -> Path:
+    from dataprep.synth import write_synthetic_tree
+
+    root = tmp_path_factory.mktemp("raw") / "cityscapes"
+    write_synthetic_tree(root, 4, height=128, width=256, seed=7)
+    return root
+
+
+@pytest.fixture(scope="module")
+def built(small_tree, tmp_path_factory) -> Path:
+    from dataprep.build import BuildOptions, build_cache
+
+    out = tmp_path_factory.mktemp("built") / "cache"
+    assert build_cache(BuildOptions(root=small_tree, out=out, workers=1)).exit_code == 0
+    return out
+
+
+@pytest.fixture
+def cache(built, tmp_path) -> Path:
+    return Path(shutil.copytree(built, tmp_path / "cache"))

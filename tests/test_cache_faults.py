@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,30 +20,13 @@ from cache.format import CacheError
 from cache.reader import CacheReader
 from cache.verify import verify_cache
 from cache.writer import Storage
-from dataprep.build import BuildOptions, build_cache
 from dataprep.cli import main
 from dataprep.synth import write_synthetic_tree
+from tests.cachefab import built, cache, small_tree  # noqa: F401  (fixtures)
 
 ROOT_DIR = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def small_tree(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("raw") / "cityscapes"
-    write_synthetic_tree(root, 4, height=128, width=256, seed=7)
-    return root
-
-
-@pytest.fixture(scope="module")
-def built(small_tree, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("built") / "cache"
-    assert build_cache(BuildOptions(root=small_tree, out=out, workers=1)).exit_code == 0
-    return out
-
-
-@pytest.fixture
-def cache(built, tmp_path) -> Path:
-    return Path(shutil.copytree(built, tmp_path / "cache"))
 
 
 def shard_file(cache: Path, kind: str, row: int, split: str = "train") -> Path:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -18,8 +17,7 @@ import zarr
 from cache.lock import LOCK_FILE, CacheBusy, lock_cache
 from cache.reader import CacheReader
 from cache.writer import CacheWriter
-from dataprep.build import BuildOptions, build_cache
-from dataprep.synth import write_synthetic_tree
+from tests.cachefab import built, cache, small_tree  # noqa: F401  (fixtures)
 
 ROOT_DIR = Path(__file__).resolve().parents[1]
 
@@ -38,23 +36,6 @@ sys.stdin.read()
 """
 
 
-@pytest.fixture(scope="module")
-def small_tree(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("raw") / "cityscapes"
-    write_synthetic_tree(root, 4, height=128, width=256, seed=5)
-    return root
-
-
-@pytest.fixture(scope="module")
-def built(small_tree, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("built") / "cache"
-    assert build_cache(BuildOptions(root=small_tree, out=out, workers=1)).exit_code == 0
-    return out
-
-
-@pytest.fixture
-def cache(built, tmp_path) -> Path:
-    return Path(shutil.copytree(built, tmp_path / "cache"))
 
 
 class Holder:
