@@ -179,27 +179,19 @@ def test_interrupted_stats_and_verify_promise_no_resume(cache, monkeypatch):
 
 
 # -- verify's workers die with it ------------------------------------------------------
-def _children(pid: int) -> set[int]:
-    found = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.add(int(entry))
-    return found
+def _load_bench_faults():
+    """scripts/bench_faults.py: its /proc helpers (children_of, alive) serve this test too."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_faults", ROOT_DIR / "scripts" / "bench_faults.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(spec.name, module)      # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return sys.modules[spec.name]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+_bench_faults = _load_bench_faults()
+_children, _alive = _bench_faults.children_of, _bench_faults.alive
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
